@@ -61,3 +61,9 @@ doctor: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# On a GPU machine (e.g. the lent H100/H200, which has torch but no Jupyter): reference checks
+# written to GPU_OUT; commit the JSON to data/reference_results/. Uses the machine's python3.
+GPU_OUT ?= gpu_out
+gpu-check:
+	PYTHONPATH=. python3 tools/gpu_check.py $(GPU_OUT)
