@@ -1,0 +1,297 @@
+"""A Llama-family decoder from scratch. Built in notebooks/02_transformer_from_scratch.ipynb."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Shape letters: B batch, T new tokens, S key positions, C hidden size, H query heads,
+# KV key/value heads, D head dim, V vocabulary.
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The numbers that define a Llama/Qwen2-style decoder."""
+
+    vocab_size: int  # V: rows of the embedding table and of the output head
+    hidden_size: int  # C: width of the residual stream
+    num_layers: int  # decoder blocks
+    num_heads: int  # H: query heads
+    num_kv_heads: int  # KV: key/value heads (< H means grouped-query attention)
+    head_dim: int  # D: width of one head
+    intermediate_size: int  # SwiGLU inner width
+    rope_theta: float = 10_000.0  # RoPE base; larger = slower-turning rotations
+    rms_norm_eps: float = 1e-5
+    max_position: int = 2048  # longest sequence the RoPE tables cover
+    tie_embeddings: bool = True  # output head shares the embedding matrix
+    qkv_bias: bool = False  # Qwen2 has biases on q/k/v (not on o)
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim ({self.head_dim}) must be even: RoPE rotates pairs of dimensions")
+
+    @property
+    def group_size(self) -> int:
+        """Query heads that share one key/value head."""
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_hf(cls, hf_config) -> ModelConfig:
+        """Read a transformers LlamaConfig/Qwen2Config; refuse features this file does not implement."""
+        model_type = getattr(hf_config, "model_type", None)
+        if model_type not in ("llama", "qwen2"):
+            raise ValueError(f"model_type {model_type!r} is not supported: only 'llama' and 'qwen2'")
+        rope = getattr(hf_config, "rope_parameters", None) or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"rope_type {rope_type!r} is not supported: only the default RoPE")
+        theta = rope.get("rope_theta") or getattr(hf_config, "rope_theta", None) or 10_000.0
+        if getattr(hf_config, "mlp_bias", False) or (model_type == "llama" and getattr(hf_config, "attention_bias", False)):
+            raise ValueError("Llama with attention_bias/mlp_bias is not supported (o_proj/MLP biases)")
+        if getattr(hf_config, "use_sliding_window", False):
+            raise ValueError("sliding-window attention is not supported")
+        return cls(
+            vocab_size=hf_config.vocab_size,
+            hidden_size=hf_config.hidden_size,
+            num_layers=hf_config.num_hidden_layers,
+            num_heads=hf_config.num_attention_heads,
+            num_kv_heads=hf_config.num_key_value_heads,
+            head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads,
+            intermediate_size=hf_config.intermediate_size,
+            rope_theta=float(theta),
+            rms_norm_eps=float(hf_config.rms_norm_eps),
+            max_position=hf_config.max_position_embeddings,
+            tie_embeddings=bool(hf_config.tie_word_embeddings),
+            qkv_bias=model_type == "qwen2",
+        )
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in fp32 like the reference."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_position: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of angle pos * theta^(-2i/D), each (max_position, D), halves repeated."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))  # (D/2,)
+    angles = torch.arange(max_position, dtype=torch.float)[:, None] * inv_freq[None, :]  # (P, D/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (P, D): dim i and i + D/2 form one pair
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the two halves of the last dimension."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (i, i + D/2) pair of x (B, H, T, D) by its position's angle; cos/sin (T, D) or (B, T, D)."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D): same angle for every head
+    return x * cos + rotate_half(x) * sin
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed RoPE tables; call with positions (T,) or (B, T) to get their cos, sin."""
+
+    def __init__(self, head_dim: int, max_position: int, theta: float):
+        super().__init__()
+        self.head_dim, self.max_position, self.theta = head_dim, max_position, theta
+        cos, sin = rope_tables(head_dim, max_position, theta)
+        self.register_buffer("cos", cos, persistent=False)  # derived, not weights: not in state_dict
+        self.register_buffer("sin", sin, persistent=False)
+
+    def reset(self) -> None:
+        """Recompute the tables in place (after building on the meta device)."""
+        cos, sin = rope_tables(self.head_dim, self.max_position, self.theta)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+
+    def forward(self, input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[input_pos], self.sin[input_pos]  # (T, D) or (B, T, D)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, KV, S, D) -> (B, KV * n_rep, S, D): each key/value head serves n_rep query heads."""
+    if n_rep == 1:
+        return x
+    B, KV, S, D = x.shape
+    return x[:, :, None].expand(B, KV, n_rep, S, D).reshape(B, KV * n_rep, S, D)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE and a hook for a KV cache."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx  # the KV cache keeps one slot per layer
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        C, H, KV, D = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(C, H * D, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(C, KV * D, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(C, KV * D, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(H * D, C, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
+                kv_cache=None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, input_pos, k, v)  # (B, KV, S, D), keys at 0..S-1
+            key_pos = torch.arange(k.shape[2], device=x.device)  # (S,)
+        else:
+            key_pos = input_pos  # (T,) or (B, T): the keys are the tokens themselves
+        # The causal rule, written with positions: query at p sees key at s iff s <= p.
+        allowed = key_pos[..., None, :] <= input_pos[..., :, None]  # (T, S) or (B, T, S)
+        allowed = allowed[None, None] if allowed.dim() == 2 else allowed[:, None]  # (B or 1, 1, T, S)
+        if mask is not None:
+            allowed = allowed & mask
+        # A query that may see nothing (a padding slot) would give NaN, and NaN spreads through
+        # later layers via 0 * NaN; let such a row see everything: its output is junk but finite.
+        allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+        k, v = repeat_kv(k, self.num_heads // self.num_kv_heads), repeat_kv(v, self.num_heads // self.num_kv_heads)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*D)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, input_pos, kv_cache=None, mask=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, kv_cache, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """The decoder: embed -> blocks -> norm -> head. Names follow transformers' Llama minus 'model.'."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(config.head_dim, config.max_position, config.rope_theta)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight  # one matrix, two uses
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, kv_cache=None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T), input_pos (T,) or (B, T) (default arange(T)) -> logits (B, T, V)."""
+        if tokens.dim() != 2 or tokens.shape[1] == 0:
+            raise ValueError(f"tokens must be (B, T) with T >= 1, got shape {tuple(tokens.shape)}")
+        B, T = tokens.shape
+        if T > self.config.max_position:
+            raise ValueError(f"{T} tokens exceed max_position={self.config.max_position}")
+        if input_pos is None:
+            input_pos = torch.arange(T, device=tokens.device)
+        if input_pos.shape not in ((T,), (B, T)):
+            raise ValueError(f"input_pos must be ({T},) or ({B}, {T}), got {tuple(input_pos.shape)}")
+        # Checking values needs them on the host: free on CPU, a sync per step on a GPU (skipped).
+        if input_pos.device.type == "cpu" and int(input_pos.max()) >= self.config.max_position:
+            raise ValueError(f"position {int(input_pos.max())} >= max_position={self.config.max_position}")
+        cos, sin = self.rope(input_pos)  # (T, D) or (B, T, D)
+        x = self.embed_tokens(tokens)  # (B, T, C)
+        for layer in self.layers:
+            x = layer(x, cos, sin, input_pos, kv_cache, mask)
+        return self.lm_head(self.norm(x))  # (B, T, V)
+
+    def num_parameters(self) -> int:
+        """Parameter count; the tied embedding/head matrix counts once."""
+        return sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
+
+    def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Copy a transformers Llama/Qwen2 state dict in: the key mapping is dropping 'model.'."""
+        sd = {k.removeprefix("model."): v for k, v in state_dict.items() if "rotary_emb" not in k}
+        if self.config.tie_embeddings:
+            sd.pop("lm_head.weight", None)  # the same tensor as embed_tokens.weight
+            sd["lm_head.weight"] = sd["embed_tokens.weight"]
+        self.load_state_dict(sd, strict=True)
+
+    @classmethod
+    def from_hf(cls, hf_model: nn.Module) -> Transformer:
+        """A Transformer holding a copy of a transformers model's weights, same dtype and device."""
+        config = ModelConfig.from_hf(hf_model.config)
+        ref = next(hf_model.parameters())
+        with torch.device("meta"):  # no memory and no random init: every weight is copied in below
+            model = cls(config)
+        model = model.to_empty(device=ref.device)
+        if config.tie_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight  # to_empty makes new tensors: tie again
+        model.rope.reset()
+        model = model.to(ref.dtype)
+        model.load_hf_state_dict(hf_model.state_dict())
+        return model.eval()
+
+
+def parameter_counts(config: ModelConfig) -> dict[str, int]:
+    """Parameters by component: embedding, attention, mlp, norms, head (0 when tied)."""
+    C, H, KV, D = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+    bias = (H + 2 * KV) * D if config.qkv_bias else 0
+    attention = C * H * D + 2 * C * KV * D + H * D * C + bias  # q, k, v, o
+    return {
+        "embedding": config.vocab_size * C,
+        "attention": config.num_layers * attention,
+        "mlp": config.num_layers * 3 * C * config.intermediate_size,
+        "norms": (2 * config.num_layers + 1) * C,
+        "head": 0 if config.tie_embeddings else config.vocab_size * C,
+    }
+
+
+def flops_per_token(config: ModelConfig, context: int = 0) -> int:
+    """Forward FLOPs for one token: 2 per weight it multiplies (all but the embedding lookup;
+    the head always multiplies, tied or not) plus 4*H*D per layer per earlier token for attention."""
+    counts = parameter_counts(config)
+    matmul_weights = counts["attention"] + counts["mlp"] + config.vocab_size * config.hidden_size
+    attention_scores = 4 * config.num_layers * config.num_heads * config.head_dim * context  # QK^T and AV
+    return 2 * matmul_weights + attention_scores
+
+
+def bytes_per_token(config: ModelConfig, bytes_per_param: float = 4, context: int = 0) -> int:
+    """Bytes read for one decode step at batch 1: every weight once (the embedding table only one
+    row; a tied head reads the full matrix), plus the cached keys/values of `context` tokens."""
+    counts = parameter_counts(config)
+    C = config.hidden_size
+    weights = counts["attention"] + counts["mlp"] + counts["norms"] + C + config.vocab_size * C
+    kv = 2 * config.num_layers * config.num_kv_heads * config.head_dim * context
+    return int((weights + kv) * bytes_per_param)
