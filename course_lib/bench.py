@@ -1,0 +1,264 @@
+"""Benchmark suites behind `python -m course_lib bench`. Built in notebooks/03_measuring_inference.ipynb.
+
+    python -m course_lib bench --suite NAME [--model M] [--device D] [--new-tokens N] [--json FILE]
+
+Each suite measures its variants side by side in one run and returns dimensionless ratios
+(the numbers worth comparing across machines) plus the absolute results behind them. The JSON
+holds "name" (the suite), "hardware", "model", "dtype", "device", "settings", "results",
+"ratios" and "created" (a course_lib.measure.BenchRecord). Later notebooks add
+suites to SUITES with @register("name").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from course_lib.env import RunSizes, run_sizes, synchronize
+from course_lib.measure import BenchRecord, RequestMetrics, format_table, time_stream
+from course_lib.roofline import measure_bandwidth, measure_matmul_tflops, model_decode_ceiling
+
+PROMPTS_FILE = Path(__file__).resolve().parent.parent / "data" / "prompts.jsonl"
+FALLBACK_PROMPTS = ["What is the capital of France?", "Write a two-line poem about rain on a tin roof.",
+                    "Give me a simple recipe for a vegetable soup."]
+CPU_LOOP_TOKENS = 24  # new tokens per request on CPU: keeps the loop suite near a minute on 2 cores
+
+
+def warmup_tokens(ctx: "BenchContext") -> int:
+    """Warm-up length: a GPU may pick kernels anew for each sequence length it meets, so warm up
+    over every length; a CPU does not, and 2 tokens pay its one-time costs."""
+    return 2 if ctx.device.type == "cpu" else ctx.new_tokens
+
+
+@dataclass
+class BenchContext:
+    """What every suite gets: the loaded model and the run's sizes."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    info: object  # course_lib.models.ModelInfo
+    device: torch.device
+    sizes: RunSizes
+    new_tokens: int
+    num_prompts: int
+
+
+@dataclass
+class SuiteResult:
+    """A suite's output: rows for the table and the JSON, the ratios, and its settings."""
+
+    results: list[dict]
+    ratios: dict[str, float]
+    settings: dict
+    columns: list[tuple[str, str]]  # (key, header with unit) for the printed table
+
+
+SUITES: dict[str, Callable[[BenchContext], SuiteResult]] = {}
+
+
+def register(name: str):
+    """Decorator: add a suite to SUITES under `name`."""
+    def add(fn: Callable[[BenchContext], SuiteResult]):
+        SUITES[name] = fn
+        return fn
+    return add
+
+
+def load_prompts(n: int, length: str = "short") -> list[str]:
+    """The first n prompts of the given length from data/prompts.jsonl (built-in ones if absent)."""
+    if PROMPTS_FILE.is_file():
+        rows = [json.loads(line) for line in PROMPTS_FILE.read_text().splitlines() if line.strip()]
+        prompts = [r["prompt"] for r in rows if r.get("length", length) == length]
+    else:
+        prompts = FALLBACK_PROMPTS
+    return prompts[:n]
+
+
+def prompt_ids(ctx: BenchContext, prompts: list[str]) -> list[torch.Tensor]:
+    """Chat-template token ids (1, T) per prompt; without a tokenizer (a random-weight model that
+    would need a download for one), 32 seeded random token ids per prompt instead."""
+    from course_lib.generation import chat_input_ids
+
+    if ctx.tokenizer is not None:
+        return [chat_input_ids(ctx.tokenizer, p) for p in prompts]
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(0, ctx.info.vocab_size, (1, 32), generator=gen) for _ in prompts]
+
+
+def naive_model(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    """The course Transformer holding the model's weights (transformers' model if it can't be built)."""
+    try:
+        from course_lib.transformer import Transformer
+
+        return Transformer.from_hf(model), "naive loop (course Transformer, full recompute)"
+    except (ImportError, AttributeError, KeyError, ValueError, RuntimeError):
+        return model, "naive loop (transformers model, full recompute)"
+
+
+def run_naive(model, input_ids: torch.Tensor, new_tokens: int, device) -> tuple[list[int], RequestMetrics]:
+    """One timed request through generation.stream_naive (no stop tokens: exactly new_tokens)."""
+    from course_lib.generation import stream_naive
+
+    return time_stream(lambda: stream_naive(model, input_ids, new_tokens), device)
+
+
+def run_hf_generate(model, input_ids: torch.Tensor, new_tokens: int, device) -> tuple[list[int], RequestMetrics]:
+    """One timed greedy request through transformers' generate, timestamped by a streamer."""
+    from transformers.generation.streamers import BaseStreamer
+
+    times: list[float] = []
+
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.prompt_seen = False
+
+        def put(self, value):
+            if not self.prompt_seen:  # generate hands the streamer the prompt first
+                self.prompt_seen = True
+                return
+            synchronize(device)
+            times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    ids = input_ids.to(device)
+    synchronize(device)
+    start = time.perf_counter()
+    # eos_token_id=None: run past end-of-turn like the naive loop (min_new_tokens would instead
+    # forbid eos and change the greedy tokens)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                         do_sample=False, eos_token_id=None, streamer=Clock(),
+                         pad_token_id=model.config.eos_token_id)
+    return out[0, ids.shape[1]:].tolist(), RequestMetrics.from_timestamps(start, times)
+
+
+def _row(label: str, prompt_tokens: list[int], runs: list[RequestMetrics]) -> dict:
+    return {"loop": label, "requests": len(runs), "prompt_tokens": statistics.median(prompt_tokens),
+            "new_tokens": runs[0].output_tokens,
+            "ttft_ms": statistics.median(r.ttft_s for r in runs) * 1e3,
+            "tpot_ms": statistics.median(r.tpot_s for r in runs) * 1e3,
+            "decode_tok_s": statistics.median(r.decode_tokens_per_s for r in runs)}
+
+
+LOOP_COLUMNS = [("loop", "loop"), ("requests", "requests"), ("prompt_tokens", "prompt (tokens)"),
+                ("new_tokens", "new (tokens)"), ("ttft_ms", "TTFT (ms)"), ("tpot_ms", "TPOT (ms)"),
+                ("decode_tok_s", "decode (tok/s)")]
+
+
+@register("loop")
+def loop_suite(ctx: BenchContext) -> SuiteResult:
+    """The naive loop (full recompute per token) against transformers' generate (KV cache), greedy."""
+    naive, naive_label = naive_model(ctx.model)
+    prompts = prompt_ids(ctx, load_prompts(ctx.num_prompts))
+    run_naive(naive, prompts[0], warmup_tokens(ctx), ctx.device)  # warm-up: first calls pay one-time costs
+    run_hf_generate(ctx.model, prompts[0], warmup_tokens(ctx), ctx.device)
+    naive_runs, hf_runs, same = [], [], 0
+    for ids in prompts:
+        naive_tokens, m = run_naive(naive, ids, ctx.new_tokens, ctx.device)
+        naive_runs.append(m)
+        hf_tokens, m = run_hf_generate(ctx.model, ids, ctx.new_tokens, ctx.device)
+        hf_runs.append(m)
+        same += naive_tokens == hf_tokens
+    lengths = [ids.shape[1] for ids in prompts]
+    rows = [_row(naive_label, lengths, naive_runs), _row("transformers generate (KV cache)", lengths, hf_runs)]
+    return SuiteResult(
+        results=rows,
+        ratios={"naive_vs_hf_decode": rows[0]["decode_tok_s"] / rows[1]["decode_tok_s"]},
+        settings={"prompts": len(prompts), "new_tokens": ctx.new_tokens, "batch": 1, "sampling": "greedy",
+                  "statistic": "median over prompts, one timed request each after one warm-up request",
+                  "greedy_tokens_identical": f"{same}/{len(prompts)} prompts"},
+        columns=LOOP_COLUMNS)
+
+
+@register("hardware")
+def hardware_suite(ctx: BenchContext) -> SuiteResult:
+    """Memory bandwidth, matmul rate, the model's batch-1 decode ceiling and how close loops get."""
+    bandwidth = measure_bandwidth(ctx.device, repeats=ctx.sizes.repeats + 2)
+    tflops = measure_matmul_tflops(ctx.device, getattr(torch, ctx.info.dtype), repeats=ctx.sizes.repeats + 2)
+    ids = prompt_ids(ctx, load_prompts(1))[0]
+    context = ids.shape[1] + ctx.new_tokens // 2  # mean context while generating
+    ceiling = model_decode_ceiling(ctx.info, bandwidth, context)
+    naive, naive_label = naive_model(ctx.model)
+    run_naive(naive, ids, warmup_tokens(ctx), ctx.device)  # warm-up
+    _, m = run_naive(naive, ids, ctx.new_tokens, ctx.device)
+    run_hf_generate(ctx.model, ids, warmup_tokens(ctx), ctx.device)
+    _, hf = run_hf_generate(ctx.model, ids, ctx.new_tokens, ctx.device)
+    rows = [
+        {"quantity": "memory bandwidth (copy, read + write)", "value": bandwidth, "unit": "GB/s"},
+        {"quantity": f"matmul rate ({ctx.info.dtype})", "value": tflops * 1e3, "unit": "GFLOP/s"},
+        {"quantity": f"decode ceiling ({ctx.info.bytes / 1e6:.0f} MB weights, context {context})",
+         "value": ceiling, "unit": "tok/s"},
+        {"quantity": naive_label, "value": m.decode_tokens_per_s, "unit": "tok/s"},
+        {"quantity": "transformers generate (KV cache)", "value": hf.decode_tokens_per_s, "unit": "tok/s"},
+    ]
+    return SuiteResult(
+        results=rows,
+        ratios={"naive_roofline_fraction": m.decode_tokens_per_s / ceiling,
+                "hf_generate_roofline_fraction": hf.decode_tokens_per_s / ceiling},
+        settings={"prompt_tokens": ids.shape[1], "new_tokens": ctx.new_tokens, "batch": 1,
+                  "ceiling": "bandwidth / (weight bytes + KV bytes at the mean context)",
+                  "bandwidth_bytes": "256 MB copy on CPU, 1 GB on GPU; median of repeats"},
+        columns=[("quantity", "quantity"), ("value", "value"), ("unit", "unit")])
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m course_lib bench",
+                                     description="Run a benchmark suite; print a table and write JSON.")
+    parser.add_argument("--suite", required=True, help=f"one of: {', '.join(SUITES)}")
+    parser.add_argument("--model", default=None, help="model preset (default: $COURSE_MODEL or the offline default)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: by device)")
+    parser.add_argument("--new-tokens", type=int, default=None,
+                        help=f"new tokens per request (default: {CPU_LOOP_TOKENS} on CPU, run_sizes on GPU)")
+    parser.add_argument("--prompts", type=int, default=3, help="short prompts from data/prompts.jsonl")
+    parser.add_argument("--json", default=None, help="write the results here")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m course_lib bench`; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        argv = argv[1:]
+    args = parse_args(argv)
+    if args.suite not in SUITES:
+        print(f"unknown suite {args.suite!r}; available suites: {', '.join(sorted(SUITES))}", file=sys.stderr)
+        return 2
+    if args.new_tokens is not None and args.new_tokens < 2:
+        print("--new-tokens must be at least 2 (decode speed needs two tokens)", file=sys.stderr)
+        return 2
+    if args.prompts < 1:
+        print("--prompts must be at least 1", file=sys.stderr)
+        return 2
+    from course_lib.env import pick_device
+    from course_lib.models import course_model, load_model
+
+    device = pick_device(args.device)
+    model, tokenizer, info = load_model(args.model or course_model(device), device, args.dtype)
+    sizes = run_sizes(device)
+    new_tokens = args.new_tokens or (CPU_LOOP_TOKENS if device.type == "cpu" else sizes.new_tokens)
+    ctx = BenchContext(model, tokenizer, info, device, sizes, new_tokens, args.prompts)
+    torch.manual_seed(0)
+    out = SUITES[args.suite](ctx)
+    record = BenchRecord(name=args.suite, model=info.label, dtype=info.dtype, device=str(device),
+                         settings={"model_name": info.name, **out.settings}, results=out.results,
+                         ratios=out.ratios)
+    print(f"suite {args.suite}: {info.label}, {record.hardware['cpu_cores']}-core CPU"
+          + (f", {record.hardware['gpu']}" if record.hardware["gpu"] else ""))
+    print(format_table(out.results, out.columns))
+    for name, value in out.ratios.items():
+        flag = "" if math.isfinite(value) and value > 0 else "   <- not a finite positive number"
+        print(f"ratio {name}: {value:.3g}{flag}")
+    if args.json:
+        print(f"wrote {record.save(args.json)}")
+    return 0
