@@ -211,6 +211,21 @@ def hardware_suite(ctx: BenchContext) -> SuiteResult:
         columns=[("quantity", "quantity"), ("value", "value"), ("unit", "unit")])
 
 
+# Later notebooks keep their suites beside their own code; importing a module registers its suite.
+SUITE_MODULES = ("course_lib.kv_bench", "course_lib.quant_bench", "course_lib.batch_bench",
+                 "course_lib.spec_bench")
+
+
+def load_suites() -> None:
+    """Import every suite module that exists in this checkout (each registers itself)."""
+    import importlib
+    import importlib.util
+
+    for name in SUITE_MODULES:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m course_lib bench",
                                      description="Run a benchmark suite; print a table and write JSON.")
@@ -230,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         argv = argv[1:]
+    load_suites()
     args = parse_args(argv)
     if args.suite not in SUITES:
         print(f"unknown suite {args.suite!r}; available suites: {', '.join(sorted(SUITES))}", file=sys.stderr)
