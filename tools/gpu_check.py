@@ -80,12 +80,17 @@ def kv_decode(model_name: str, compile_too: bool) -> dict:
     tflops = measure_matmul_tflops(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     context = ids.shape[1] + new_tokens // 2  # mean context over the decode
     ceiling = model_decode_ceiling(info, bandwidth, context)
+    result, compile_error = None, None
     if compile_too:
-        result = compare_compiled_decode(model, ids, new_tokens=new_tokens)
-    else:
+        try:
+            result = compare_compiled_decode(model, ids, new_tokens=new_tokens)
+        except Exception:  # keep the eager numbers even if compilation breaks
+            compile_error = traceback.format_exc()[-2000:]
+    if result is None:
         _static_decode_run(decode_step, model, ids, new_tokens)  # warm-up
         seconds = _static_decode_run(decode_step, model, ids, new_tokens)[1]
-        result = {"eager_tok_s": (new_tokens - 1) / seconds, "compiled": "skipped on CPU"}
+        result = {"eager_tok_s": (new_tokens - 1) / seconds,
+                  "compiled": compile_error if compile_too else "skipped on CPU"}
     result.update({
         "model": info.label, "parameters": info.parameters, "weight_bytes": info.bytes,
         "prompt_tokens": ids.shape[1], "bandwidth_gb_s": bandwidth, "matmul_tflops": tflops,
