@@ -1,23 +1,33 @@
 """Benchmark suites behind `python -m course_lib bench`. Built in notebooks/03_measuring_inference.ipynb.
 
     python -m course_lib bench --suite NAME [--model M] [--device D] [--new-tokens N] [--json FILE]
+    python -m course_lib bench --suite all --json FILE
 
 Each suite measures its variants side by side in one run and returns dimensionless ratios
 (the numbers worth comparing across machines) plus the absolute results behind them. The JSON
 holds "name" (the suite), "hardware", "model", "dtype", "device", "settings", "results",
 "ratios" and "created" (a course_lib.measure.BenchRecord). Later notebooks add
 suites to SUITES with @register("name").
+
+`--suite all` loads the model once and runs every suite in course order (COURSE_ORDER, then any
+other registered suite). Its JSON has the same top-level keys, with "name": "all", "results" one
+row per suite (status, seconds, ratio count) and "ratios" every suite's ratios in one flat dict
+(a name two suites share is kept as "suite.name"), plus "suites" (suite name -> that suite's
+record, exactly as `--suite NAME` writes it) and "errors" (suite name -> the exception of a suite
+that raised; the other suites still run, and the exit status is then 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+import traceback
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -213,7 +223,8 @@ def hardware_suite(ctx: BenchContext) -> SuiteResult:
 
 # Later notebooks keep their suites beside their own code; importing a module registers its suite.
 SUITE_MODULES = ("course_lib.kv_bench", "course_lib.quant_bench", "course_lib.batch_bench",
-                 "course_lib.spec_bench")
+                 "course_lib.spec_bench", "course_lib.engine_bench")
+COURSE_ORDER = ("loop", "hardware", "kv", "quant", "batch", "spec", "engine")  # the order of `--suite all`
 
 
 def load_suites() -> None:
@@ -226,10 +237,15 @@ def load_suites() -> None:
             importlib.import_module(name)
 
 
+def suite_order() -> list[str]:
+    """Registered suites in course order (COURSE_ORDER first, then any others by name)."""
+    return [n for n in COURSE_ORDER if n in SUITES] + sorted(n for n in SUITES if n not in COURSE_ORDER)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m course_lib bench",
                                      description="Run a benchmark suite; print a table and write JSON.")
-    parser.add_argument("--suite", required=True, help=f"one of: {', '.join(SUITES)}")
+    parser.add_argument("--suite", required=True, help=f"one of: {', '.join(SUITES)}, or all (every suite in course order)")
     parser.add_argument("--model", default=None, help="model preset (default: $COURSE_MODEL or the offline default)")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: by device)")
@@ -240,6 +256,68 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def run_suite(name: str, ctx: BenchContext) -> tuple[BenchRecord, SuiteResult]:
+    """Run one registered suite (seeded) and wrap its output in a stamped BenchRecord."""
+    torch.manual_seed(0)
+    out = SUITES[name](ctx)
+    record = BenchRecord(name=name, model=ctx.info.label, dtype=ctx.info.dtype, device=str(ctx.device),
+                         settings={"model_name": ctx.info.name, **out.settings}, results=out.results,
+                         ratios=out.ratios)
+    return record, out
+
+
+def print_result(record: BenchRecord, out: SuiteResult) -> None:
+    """The suite's header line, table and ratios."""
+    print(f"suite {record.name}: {record.model}, {record.hardware['cpu_cores']}-core CPU"
+          + (f", {record.hardware['gpu']}" if record.hardware["gpu"] else ""))
+    print(format_table(out.results, out.columns))
+    for name, value in out.ratios.items():
+        flag = "" if math.isfinite(value) else "   <- not a finite number"
+        print(f"ratio {name}: {value:.3g}{flag}")
+
+
+def _json_value(x):
+    return x.as_dict() if hasattr(x, "as_dict") else str(x)  # as BenchRecord.save stores them
+
+
+def run_all(ctx: BenchContext) -> dict:
+    """Every suite in course order on one loaded model; a suite that raises is recorded and skipped.
+    Returns the `--suite all` record as a dict (see the module docstring)."""
+    records, errors, rows, ratios = {}, {}, [], {}
+    start_all = time.perf_counter()
+    for name in suite_order():
+        print(f"\n=== suite {name} ===", flush=True)
+        start = time.perf_counter()
+        try:
+            record, out = run_suite(name, ctx)
+        except Exception as exc:  # one broken suite must not cost the others their run
+            traceback.print_exc()
+            errors[name] = f"{type(exc).__name__}: {exc}"
+            rows.append({"suite": name, "status": "error", "seconds": time.perf_counter() - start, "ratios": 0})
+            print(f"suite {name} failed: {errors[name]}", file=sys.stderr)
+            continue
+        finally:
+            gc.collect()
+        seconds = time.perf_counter() - start
+        print_result(record, out)
+        print(f"suite {name}: {seconds:.0f} s")
+        records[name] = asdict(record)
+        rows.append({"suite": name, "status": "ok", "seconds": seconds, "ratios": len(out.ratios)})
+        for key, value in out.ratios.items():
+            ratios[f"{name}.{key}" if key in ratios else key] = value
+    total = time.perf_counter() - start_all
+    summary = BenchRecord(name="all", model=ctx.info.label, dtype=ctx.info.dtype, device=str(ctx.device),
+                          settings={"model_name": ctx.info.name, "order": suite_order(), "new_tokens": ctx.new_tokens,
+                                    "prompts": ctx.num_prompts, "total_seconds": total},
+                          results=rows, ratios=ratios)
+    print(f"\n=== all suites: {len(records)} ok, {len(errors)} failed, {total:.0f} s ===")
+    print(format_table(rows, [("suite", "suite"), ("status", "status"), ("seconds", "time (s)"),
+                              ("ratios", "ratios")], digits=0))
+    for key, value in ratios.items():
+        print(f"ratio {key}: {value:.3g}")
+    return {**asdict(summary), "suites": records, "errors": errors}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m course_lib bench`; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -247,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         argv = argv[1:]
     load_suites()
     args = parse_args(argv)
-    if args.suite not in SUITES:
-        print(f"unknown suite {args.suite!r}; available suites: {', '.join(sorted(SUITES))}", file=sys.stderr)
+    if args.suite not in SUITES and args.suite != "all":
+        print(f"unknown suite {args.suite!r}; available suites: {', '.join(sorted(SUITES))}, all", file=sys.stderr)
         return 2
     if args.new_tokens is not None and args.new_tokens < 2:
         print("--new-tokens must be at least 2 (decode speed needs two tokens)", file=sys.stderr)
@@ -264,17 +342,14 @@ def main(argv: list[str] | None = None) -> int:
     sizes = run_sizes(device)
     new_tokens = args.new_tokens or (CPU_LOOP_TOKENS if device.type == "cpu" else sizes.new_tokens)
     ctx = BenchContext(model, tokenizer, info, device, sizes, new_tokens, args.prompts)
-    torch.manual_seed(0)
-    out = SUITES[args.suite](ctx)
-    record = BenchRecord(name=args.suite, model=info.label, dtype=info.dtype, device=str(device),
-                         settings={"model_name": info.name, **out.settings}, results=out.results,
-                         ratios=out.ratios)
-    print(f"suite {args.suite}: {info.label}, {record.hardware['cpu_cores']}-core CPU"
-          + (f", {record.hardware['gpu']}" if record.hardware["gpu"] else ""))
-    print(format_table(out.results, out.columns))
-    for name, value in out.ratios.items():
-        flag = "" if math.isfinite(value) and value > 0 else "   <- not a finite positive number"
-        print(f"ratio {name}: {value:.3g}{flag}")
+    if args.suite == "all":
+        combined = run_all(ctx)
+        if args.json:
+            Path(args.json).write_text(json.dumps(combined, indent=2, default=_json_value) + "\n")
+            print(f"wrote {args.json}")
+        return 1 if combined["errors"] else 0
+    record, out = run_suite(args.suite, ctx)
+    print_result(record, out)
     if args.json:
         print(f"wrote {record.save(args.json)}")
     return 0
