@@ -1,0 +1,206 @@
+"""Requests and the continuous-batching scheduler. Built in notebooks/06_batching.ipynb.
+
+Continuous (iteration-level) batching decides who runs at every step instead of once per batch:
+requests that finished leave at once, and waiting ones take their places in the same step. The
+scheduler owns the queues and the KV blocks, never the model:
+    admit()           - move waiting requests to running while a slot and enough KV blocks are free;
+    prepare_decode()  - reserve one more KV position for every running request; if blocks run out,
+                        preempt the newest request (free its blocks, send it back to the front of
+                        the queue: it is recomputed later, as vLLM does by default);
+    finish()          - retire a request and free its blocks the moment it is done.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from course_lib.generation import SamplingConfig
+from course_lib.measure import RequestMetrics
+from course_lib.paged_kv import BlockManager
+
+_request_ids = itertools.count()
+
+
+class RequestStatus(Enum):
+    """Where a request is in its life."""
+
+    WAITING = "waiting"  # queued (new, or preempted and waiting to be recomputed)
+    RUNNING = "running"  # holds KV blocks and a batch slot
+    FINISHED = "finished"  # hit a stop token or max_new_tokens
+    REJECTED = "rejected"  # refused at arrival; `finish_reason` says why
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation request: its prompt, its own sampling settings and stop conditions, and its state."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingConfig = SamplingConfig()
+    stop_ids: frozenset[int] = frozenset()
+    seed: int | None = None  # seeds this request's own generator (sampled output then does not depend on batching)
+    arrival_time: float | None = None  # time.perf_counter() when it arrived (TTFT counts from here)
+    request_id: int = field(default_factory=lambda: next(_request_ids))
+    # state, changed by the engine
+    status: RequestStatus = RequestStatus.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)  # time.perf_counter() of each output token
+    finish_reason: str | None = None  # "stop", "length", "abort" or "rejected: <why>"
+    num_preemptions: int = 0
+
+    def __post_init__(self):
+        self.prompt_ids = [int(t) for t in self.prompt_ids]
+        self.stop_ids = frozenset(self.stop_ids)
+        self.generator = None if self.seed is None else torch.Generator().manual_seed(self.seed)
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus output tokens so far."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def max_positions(self) -> int:
+        """KV positions at full length: prompt + max_new_tokens - 1 (the last token is never fed back)."""
+        return len(self.prompt_ids) + self.max_new_tokens - 1
+
+    @property
+    def is_done(self) -> bool:
+        """True once finished or rejected."""
+        return self.status in (RequestStatus.FINISHED, RequestStatus.REJECTED)
+
+    def append_token(self, token: int, now: float) -> bool:
+        """Record a new token; return True (and set finish_reason) when it ends the request."""
+        self.output_ids.append(int(token))
+        self.token_times.append(now)
+        if token in self.stop_ids:
+            self.finish_reason = "stop"
+        elif len(self.output_ids) >= self.max_new_tokens:
+            self.finish_reason = "length"
+        return self.finish_reason is not None
+
+    def metrics(self) -> RequestMetrics:
+        """TTFT, ITL and E2E from arrival_time and the token times."""
+        if self.arrival_time is None or not self.token_times:
+            raise ValueError(f"request {self.request_id} has no arrival time or no tokens yet")
+        return RequestMetrics.from_timestamps(self.arrival_time, self.token_times)
+
+
+def rejection_reason(request: Request, max_model_len: int, block_manager: BlockManager | None = None) -> str | None:
+    """Why a request can never be served (None if it can): no tokens asked, empty prompt, too long
+    for the model, or more KV blocks than the whole pool has."""
+    if isinstance(request.max_new_tokens, bool) or not isinstance(request.max_new_tokens, int) \
+            or request.max_new_tokens < 1:
+        return f"max_new_tokens must be an integer >= 1, got {request.max_new_tokens!r}: nothing to generate"
+    if not request.prompt_ids:
+        return "the prompt is empty: it needs at least one token"
+    longest = request.max_positions
+    if longest > max_model_len:
+        return (f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens ({request.max_new_tokens}) needs "
+                f"{longest} positions; max_model_len is {max_model_len}")
+    if block_manager is not None and block_manager.blocks_needed(longest) > block_manager.num_blocks:
+        return (f"needs {block_manager.blocks_needed(longest)} KV blocks of {block_manager.block_size} positions "
+                f"at full length; the whole pool has {block_manager.num_blocks}: it can never fit")
+    return None
+
+
+class Scheduler:
+    """Queues and KV blocks for continuous batching: admit, reserve, preempt, retire."""
+
+    def __init__(self, block_manager: BlockManager, max_batch: int, max_model_len: int):
+        if max_batch < 1 or max_model_len < 1:
+            raise ValueError(f"need max_batch >= 1 and max_model_len >= 1, got {max_batch}, {max_model_len}")
+        self.blocks, self.max_batch, self.max_model_len = block_manager, max_batch, max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in admission order: the last is the first to be preempted
+        self.finished: list[Request] = []
+        self.rejected: list[Request] = []
+
+    def add(self, request: Request) -> bool:
+        """Queue a request, or reject it (status REJECTED, finish_reason says why); True if queued."""
+        if request.status is not RequestStatus.WAITING or request.output_ids:
+            raise ValueError(f"request {request.request_id} was already used (status {request.status.value})")
+        reason = rejection_reason(request, self.max_model_len, self.blocks)
+        if reason is not None:
+            request.status, request.finish_reason = RequestStatus.REJECTED, f"rejected: {reason}"
+            self.rejected.append(request)
+            return False
+        self.waiting.append(request)
+        return True
+
+    def has_unfinished(self) -> bool:
+        """True while a request waits or runs."""
+        return bool(self.waiting or self.running)
+
+    def admit(self) -> list[Request]:
+        """Move waiting requests (first come, first served) into free slots while their KV blocks fit;
+        return them: they need a prefill over prompt + any output kept from a preemption."""
+        admitted = []
+        while self.waiting and len(self.running) < self.max_batch:
+            request = self.waiting[0]
+            # room for the prompt (+ kept output) and for its next token, unless that one is its last
+            if not self.blocks.can_allocate(min(request.num_tokens + 1, request.max_positions)):
+                break  # first come, first served: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            self.blocks.allocate(request.request_id, request.num_tokens)
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            admitted.append(request)
+        return admitted
+
+    def prepare_decode(self) -> list[Request]:
+        """Reserve the next KV position of every running request, preempting the newest ones when
+        blocks run out; return the requests to decode, in admission order."""
+        ready = []
+        for request in list(self.running):
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            while not self.blocks.can_append(request.request_id):
+                victim = self.running[-1]  # the newest: it has the least work to redo
+                self.preempt(victim)
+                if victim is request:
+                    break
+            if request.status is RequestStatus.RUNNING:
+                self.blocks.append_slot(request.request_id)
+                ready.append(request)
+        return ready
+
+    def preempt(self, request: Request) -> None:
+        """Free a running request's blocks and put it back at the front of the queue (recompute later)."""
+        self.running.remove(request)
+        self.blocks.free(request.request_id)
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def abort(self, request: Request) -> bool:
+        """Drop a waiting or running request (its client went away): free its blocks and slot at once.
+        The request is not listed as finished; False if the scheduler does not hold it."""
+        if request in self.waiting:
+            self.waiting.remove(request)
+        elif request in self.running:
+            self.running.remove(request)
+            self.blocks.free(request.request_id)
+        else:
+            return False
+        request.status, request.finish_reason = RequestStatus.FINISHED, "abort"
+        return True
+
+    def resume(self, request: Request) -> None:
+        """Queue, at the front, a request that already has output (e.g. one that decoded elsewhere):
+        admission prefills its prompt + output, exactly as after a preemption."""
+        if request in self.waiting or request in self.running:
+            raise ValueError(f"request {request.request_id} is already scheduled")
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+
+    def finish(self, request: Request) -> None:
+        """Retire a running request at once: free its blocks and its slot."""
+        self.running.remove(request)
+        self.blocks.free(request.request_id)
+        request.status = RequestStatus.FINISHED
+        self.finished.append(request)
