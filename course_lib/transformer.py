@@ -134,6 +134,21 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(B, KV, n_rep, S, D).reshape(B, KV * n_rep, S, D)
 
 
+def attention_mask(input_pos: torch.Tensor, num_keys: int | None = None,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Which keys each query may see, (B or 1, 1, T, S): keys at positions 0..num_keys-1 (a cache)
+    or, with num_keys None, the tokens at input_pos themselves; ANDed with `mask` if given."""
+    key_pos = input_pos if num_keys is None else torch.arange(num_keys, device=input_pos.device)  # (S,) or (B, S)
+    # The causal rule, written with positions: query at p sees key at s iff s <= p.
+    allowed = key_pos[..., None, :] <= input_pos[..., :, None]  # (T, S) or (B, T, S)
+    allowed = allowed[None, None] if allowed.dim() == 2 else allowed[:, None]  # (B or 1, 1, T, S)
+    if mask is not None:
+        allowed = allowed & mask
+    # A query that may see nothing (a padding slot) would give NaN, and NaN spreads through
+    # later layers via 0 * NaN; let such a row see everything: its output is junk but finite.
+    return allowed | ~allowed.any(dim=-1, keepdim=True)
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE and a hook for a KV cache."""
 
@@ -148,7 +163,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(H * D, C, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
-                kv_cache=None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                kv_cache=None, mask: torch.Tensor | None = None, masks: dict | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
@@ -156,17 +171,13 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, input_pos, k, v)  # (B, KV, S, D), keys at 0..S-1
-            key_pos = torch.arange(k.shape[2], device=x.device)  # (S,)
-        else:
-            key_pos = input_pos  # (T,) or (B, T): the keys are the tokens themselves
-        # The causal rule, written with positions: query at p sees key at s iff s <= p.
-        allowed = key_pos[..., None, :] <= input_pos[..., :, None]  # (T, S) or (B, T, S)
-        allowed = allowed[None, None] if allowed.dim() == 2 else allowed[:, None]  # (B or 1, 1, T, S)
-        if mask is not None:
-            allowed = allowed & mask
-        # A query that may see nothing (a padding slot) would give NaN, and NaN spreads through
-        # later layers via 0 * NaN; let such a row see everything: its output is junk but finite.
-        allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+        # Every layer of one forward sees the same positions, so the mask is built once and shared
+        # through `masks` (keyed by the number of keys S); without it each layer builds its own.
+        allowed = None if masks is None else masks.get(k.shape[2])
+        if allowed is None:
+            allowed = attention_mask(input_pos, k.shape[2] if kv_cache is not None else None, mask)
+            if masks is not None:
+                masks[k.shape[2]] = allowed
         k, v = repeat_kv(k, self.num_heads // self.num_kv_heads), repeat_kv(v, self.num_heads // self.num_kv_heads)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*D)
@@ -196,8 +207,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, input_pos, kv_cache=None, mask=None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, kv_cache, mask)
+    def forward(self, x, cos, sin, input_pos, kv_cache=None, mask=None, masks=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, kv_cache, mask, masks)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -232,8 +243,9 @@ class Transformer(nn.Module):
             raise ValueError(f"position {int(input_pos.max())} >= max_position={self.config.max_position}")
         cos, sin = self.rope(input_pos)  # (T, D) or (B, T, D)
         x = self.embed_tokens(tokens)  # (B, T, C)
+        masks: dict = {}  # the attention mask, built by the first layer, shared by the others
         for layer in self.layers:
-            x = layer(x, cos, sin, input_pos, kv_cache, mask)
+            x = layer(x, cos, sin, input_pos, kv_cache, mask, masks)
         return self.lm_head(self.norm(x))  # (B, T, V)
 
     def num_parameters(self) -> int:
