@@ -155,7 +155,9 @@ def cache_dir() -> Path:
 def _default_checkpoint() -> Path:
     """Dequantize the GGUF once and keep plain fp32 safetensors; later loads read those."""
     gguf = gguf_path()
-    stamp = {"gguf": str(gguf), "size": gguf.stat().st_size, "format": 1}
+    # Keyed by the file's name and size, not its path: every virtual environment with the same
+    # wheel shares one dequantized copy instead of converting again.
+    stamp = {"gguf": gguf.name, "size": gguf.stat().st_size, "format": 1}
     target = cache_dir() / "smollm2-135m-instruct-q4_1-dequantized"
     marker = target / "course_cache.json"
     if marker.is_file() and json.loads(marker.read_text()) == stamp:
