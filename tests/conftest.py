@@ -16,3 +16,17 @@ def default_model():
 
     torch.manual_seed(0)
     return load_model("smollm2-135m", device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(autouse=True)
+def one_thread(request):
+    """Tiny models are overhead-bound: on a busy 2-core machine a second intra-op thread made a
+    128-token naive loop 15x slower (waiting on the other thread), so tests run on one thread,
+    except those that use the real model, whose matmuls do use both cores."""
+    if "default_model" in request.fixturenames:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

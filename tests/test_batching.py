@@ -3,7 +3,6 @@ batch, exactly the tokens it gets alone; waste accounting; the batch-size sweep'
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from course_lib.batch_bench import batch_sweep, roofline_step_seconds
 from course_lib.batching import (
@@ -18,41 +17,11 @@ from course_lib.batching import (
 from course_lib.generation import SamplingConfig, sample_next_token
 from course_lib.kv_cache import generate_cached
 from course_lib.transformer import Transformer
-
-TINY = {  # tiny random configs (no download): plain multi-head and grouped-query attention
-    "llama": LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                         rope_theta=10_000.0, tie_word_embeddings=False),
-    "qwen2": Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=False),
-}
-
+from tiny import tiny_transformer
 
 def tiny(name: str = "qwen2") -> Transformer:
-    """A tiny random course Transformer whose blocks (not the embedding) decide the next token:
-    output projections are scaled up so greedy decoding does not just repeat its input."""
-    torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(TINY[name], dtype=torch.float32)
-    with torch.no_grad():
-        for pname, p in hf.named_parameters():
-            if "norm" in pname:
-                p.uniform_(0.5, 1.5)
-            elif p.dim() == 1:
-                p.normal_(0, 0.2)
-            else:
-                gain = 8.0 if pname.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
-                p.normal_(0, (1.0 if "embed" in pname else gain * p.shape[1] ** -0.5))
-    return Transformer.from_hf(hf.eval())
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are overhead-bound: one intra-op thread avoids waiting on a busy second core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    """A tiny random course Transformer (see tests/tiny.py): plain multi-head or grouped-query attention."""
+    return tiny_transformer(name, max_position=256)
 
 
 def prompts(lengths, seed=0):
@@ -76,7 +45,7 @@ def test_pad_batch_rejects_empty():
         pad_batch([])
 
 
-@pytest.mark.parametrize("name", list(TINY))
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
 def test_cacheless_padded_forward_needs_and_uses_the_mask(name):
     """Without a cache, keys are the tokens themselves: padding (position -1) would be visible to every
     query unless the attention mask hides it. With the mask, each row's last logits equal its solo run."""
@@ -112,7 +81,7 @@ def test_batch_cache_overflow_is_an_error():
 
 # ---- static batching == one at a time -------------------------------------------------------
 
-@pytest.mark.parametrize("name", list(TINY))
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
 def test_static_batch_greedy_equals_one_at_a_time(name):
     model = tiny(name)
     lengths, new = [5, 17, 1, 9, 30, 12], [9, 3, 14, 1, 6, 20]

@@ -3,7 +3,7 @@ overflow errors, the KV memory formula."""
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
 
 from course_lib.generation import SamplingConfig, chat_input_ids, generate_naive
 from course_lib.kv_bench import estimate_naive_seconds, long_system_prompt, shared_prefix
@@ -19,52 +19,14 @@ from course_lib.kv_cache import (
 from course_lib.models import PRESETS, hf_config
 from course_lib.roofline import kv_bytes_per_position
 from course_lib.transformer import ModelConfig, Transformer
+from tiny import FAMILIES, tiny_transformer
 
-TINY = {  # tiny random configs shaped like the course's three families (no download)
-    "llama": LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                         rope_theta=500_000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
-    "qwen2": Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=False),
-    "smollm2": LlamaConfig(vocab_size=300, hidden_size=72, intermediate_size=192, num_hidden_layers=3,
-                           num_attention_heads=9, num_key_value_heads=3, head_dim=8, max_position_embeddings=512,
-                           rope_theta=100_000.0, rms_norm_eps=1e-5, tie_word_embeddings=True),
-}
 STORY = "Once upon a time, in a small village by the sea, there lived an old fisherman who"
 
 
 def tiny(name: str) -> Transformer:
-    """A course Transformer from a tiny random transformers model. The blocks' output projections are
-    scaled up so that they, not the embedding, decide the next token: a tied random model with
-    plain init keeps repeating its input token under greedy decoding, which would test little."""
-    torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(TINY[name], dtype=torch.float32)
-    with torch.no_grad():
-        for pname, p in hf.named_parameters():
-            if "norm" in pname:
-                p.uniform_(0.5, 1.5)
-            elif p.dim() == 1:  # Qwen2's q/k/v biases
-                p.normal_(0, 0.2)
-            elif "embed" in pname:
-                p.normal_(0, 1.0)
-            else:
-                gain = 8.0 if pname.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
-                p.normal_(0, gain * p.shape[1] ** -0.5)
-    return Transformer.from_hf(hf.eval())
-
-
-@pytest.fixture(autouse=True)
-def one_thread(request):
-    """Tiny models are overhead-bound: on a busy 2-core machine a second intra-op thread made the
-    128-token naive loop 15x slower (waiting on the other thread), so tiny tests run on one."""
-    if "real" in request.fixturenames:  # the real model's matmuls do use both cores
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    """A tiny random course Transformer of one family (see tests/tiny.py)."""
+    return tiny_transformer(name)
 
 
 def prompt(n: int, seed: int = 0) -> torch.Tensor:
@@ -79,7 +41,7 @@ def real(default_model):
 
 # ---- equivalence: cached == naive, cached == transformers -----------------------------------
 
-@pytest.mark.parametrize("name", sorted(TINY))
+@pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_tiny_cached_greedy_equals_naive_for_128_tokens(name):
     model = tiny(name)
     ids = prompt(12)

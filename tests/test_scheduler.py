@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config
 
 from course_lib.batch_engine import ContinuousBatchEngine, StaticBatchEngine, run_to_completion
 from course_lib.generation import SamplingConfig, chat_input_ids
@@ -15,38 +14,13 @@ from course_lib.paged_kv import BlockManager
 from course_lib.scheduler import Request, RequestStatus, Scheduler, rejection_reason
 from course_lib.transformer import Transformer
 from course_lib.workload import WorkloadConfig, WorkloadItem, make_workload, replay, to_requests
+from tiny import tiny_transformer
 
 
 @pytest.fixture(scope="module")
 def model() -> Transformer:
     """A tiny random course Transformer (grouped-query attention) whose blocks decide the next token."""
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=False)
-    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for pname, p in hf.named_parameters():
-            if "norm" in pname:
-                p.uniform_(0.5, 1.5)
-            elif p.dim() == 1:
-                p.normal_(0, 0.2)
-            else:
-                gain = 8.0 if pname.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
-                p.normal_(0, (1.0 if "embed" in pname else gain * p.shape[1] ** -0.5))
-    return Transformer.from_hf(hf.eval())
-
-
-@pytest.fixture(autouse=True)
-def one_thread(request):
-    """Tiny models are overhead-bound: one intra-op thread avoids waiting on a busy second core."""
-    if "default_model" in request.fixturenames:
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    return tiny_transformer("qwen2", max_position=256, rope_theta=10_000.0)
 
 
 def mixed(n: int = 10, seed: int = 1) -> list[tuple[list[int], int]]:

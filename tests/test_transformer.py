@@ -2,10 +2,12 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from course_lib.generation import SamplingConfig, generate_naive
+from tiny import FAMILIES, tiny_config
+from tiny import tiny_hf as _tiny_hf
 from course_lib.transformer import (
     ModelConfig,
     RMSNorm,
@@ -27,32 +29,12 @@ PROMPTS = [
     " ".join(f"Step {i}: the model reads every earlier token before it writes the next one." for i in range(25)),
 ]
 
-TINY = {  # tiny random configs of the three families the course uses (no download)
-    "llama": LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-                         rope_theta=500_000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
-    "qwen2": Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=False),
-    "smollm2": LlamaConfig(vocab_size=300, hidden_size=72, intermediate_size=192, num_hidden_layers=3,
-                           num_attention_heads=9, num_key_value_heads=3, head_dim=8, max_position_embeddings=128,
-                           rope_theta=100_000.0, rms_norm_eps=1e-5, tie_word_embeddings=True),
-}
+FAMILIES_TESTED = sorted(FAMILIES)
 
 
 def tiny_hf(name: str, dtype=torch.float32):
-    """A tiny transformers model with weights large enough that logits are O(1), not ~0."""
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(TINY[name], dtype=torch.float32)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "norm" in pname:
-                p.uniform_(0.5, 1.5)
-            elif p.dim() == 1:  # Qwen2's q/k/v biases
-                p.normal_(0, 0.2)
-            else:
-                p.normal_(0, 1.0 if "embed" in pname else p.shape[1] ** -0.5)
-    return model.to(dtype).eval()
+    """A tiny transformers model (plain init, logits O(1)) with max_position 128."""
+    return _tiny_hf(name, dtype=dtype, out_gain=1.0, max_position=128)
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +56,11 @@ def test_long_prompt_is_long(real):
     assert real[2](PROMPTS[-1], return_tensors="pt").input_ids.shape[1] > 300
 
 
-@pytest.mark.parametrize("name", sorted(TINY))
+@pytest.mark.parametrize("name", FAMILIES_TESTED)
 def test_tiny_random_logits_match_transformers(name):
     hf = tiny_hf(name)
     ours = Transformer.from_hf(hf)
-    ids = torch.randint(0, TINY[name].vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, tiny_config(name, max_position=128).vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = hf(ids).logits
         diff = (ours(ids) - ref).abs().max().item()
@@ -215,9 +197,9 @@ def test_components_match_transformers_modules():
     assert torch.allclose(apply_rotary(q, cos, sin).norm(dim=-1), q.norm(dim=-1), atol=1e-5)
 
 
-@pytest.mark.parametrize("name", sorted(TINY))
+@pytest.mark.parametrize("name", FAMILIES_TESTED)
 def test_config_from_hf_round_trips(name):
-    hf_cfg = TINY[name]
+    hf_cfg = tiny_config(name, max_position=128)
     cfg = ModelConfig.from_hf(hf_cfg)
     assert (cfg.vocab_size, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads) == (
         hf_cfg.vocab_size, hf_cfg.hidden_size, hf_cfg.num_hidden_layers, hf_cfg.num_attention_heads,
@@ -236,7 +218,7 @@ def test_real_config_from_hf(real):
     assert (cfg.vocab_size, cfg.rope_theta, cfg.tie_embeddings, cfg.qkv_bias) == (49152, 100_000.0, True, False)
 
 
-@pytest.mark.parametrize("name", sorted(TINY))
+@pytest.mark.parametrize("name", FAMILIES_TESTED)
 def test_parameter_flop_and_byte_counts(name):
     ours = Transformer.from_hf(tiny_hf(name))
     cfg = ours.config
