@@ -280,13 +280,10 @@ def course_target(default_model):
     return Transformer.from_hf(model), tokenizer
 
 
-# One prompt per category and a second grounded one, 16 new tokens (stop tokens honoured): about 20 s
-# at 1 thread, nearly all of it the target's own steps.
-# The `spec` bench suite checks every prompt of data/prompts.jsonl with both methods at full length
-# (64 new tokens for grounded prompts, 32 for the others) and reports spec_greedy_identical.
-SUBSET = [r for c, n in (("chat", 1), ("explanation", 1), ("code", 1), ("grounded", 2))
-          for r in [x for x in PROMPTS if x["category"] == c][:n]]
-NEW_TOKENS = 16
+# Every prompt of data/prompts.jsonl (the issue asks for the whole prompt set), 8 new tokens each
+# (stop tokens honoured) to keep CI short; the `spec` bench suite runs longer outputs on a subset.
+SUBSET = PROMPTS
+NEW_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
