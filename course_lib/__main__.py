@@ -1,4 +1,4 @@
-"""Command line: `python -m course_lib doctor | bench ...`."""
+"""Command line: `python -m course_lib doctor | bench | serve | loadgen ...`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ USAGE = """usage: python -m course_lib COMMAND [options]
 commands:
   doctor   check the environment, the device and the default model; generate a short reply
   bench    run a benchmark suite and write its ratios as JSON (see `bench --help`)
+  serve    serve a model over an OpenAI-compatible API (see `serve --help`)
+  loadgen  load-test an OpenAI-compatible endpoint (see `loadgen --help`)
 """
 
 
@@ -22,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
         from course_lib.doctor import main as run
     elif command == "bench":
         from course_lib.bench import main as run
+    elif command == "serve":
+        from course_lib.server import main as run
+    elif command == "loadgen":
+        from course_lib.loadgen import main as run
     else:
         print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
