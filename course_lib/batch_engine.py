@@ -22,7 +22,7 @@ import torch
 from course_lib.batching import StaticBatch, pad_batch, sample_rows
 from course_lib.env import synchronize
 from course_lib.paged_kv import BlockManager, KVSample, PagedKVCache
-from course_lib.scheduler import Request, RequestStatus, Scheduler, rejection_reason
+from course_lib.scheduler import Request, RequestStatus, Scheduler, queue_or_reject, rejection_reason
 
 # Shape letters: B batch (requests in one forward), T tokens, V vocabulary.
 
@@ -58,13 +58,7 @@ class StaticBatchEngine:
         """Queue a request (its arrival time defaults to now), or reject it with a reason; True if queued."""
         if request.arrival_time is None:
             request.arrival_time = time.perf_counter()
-        reason = rejection_reason(request, self.max_model_len)
-        if reason is not None:
-            request.status, request.finish_reason = RequestStatus.REJECTED, f"rejected: {reason}"
-            self.rejected.append(request)
-            return False
-        self.waiting.append(request)
-        return True
+        return queue_or_reject(request, rejection_reason(request, self.max_model_len), self.waiting, self.rejected)
 
     def has_unfinished(self) -> bool:
         """True while a request waits or a batch runs."""

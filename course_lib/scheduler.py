@@ -108,6 +108,16 @@ def rejection_reason(request: Request, max_model_len: int, block_manager: BlockM
     return None
 
 
+def queue_or_reject(request: Request, reason: str | None, waiting: deque, rejected: list) -> bool:
+    """Append the request to `waiting`, or, given a reason, mark it REJECTED and list it in `rejected`."""
+    if reason is not None:
+        request.status, request.finish_reason = RequestStatus.REJECTED, f"rejected: {reason}"
+        rejected.append(request)
+        return False
+    waiting.append(request)
+    return True
+
+
 class Scheduler:
     """Queues and KV blocks for continuous batching: admit, reserve, preempt, retire."""
 
@@ -124,13 +134,8 @@ class Scheduler:
         """Queue a request, or reject it (status REJECTED, finish_reason says why); True if queued."""
         if request.status is not RequestStatus.WAITING or request.output_ids:
             raise ValueError(f"request {request.request_id} was already used (status {request.status.value})")
-        reason = rejection_reason(request, self.max_model_len, self.blocks)
-        if reason is not None:
-            request.status, request.finish_reason = RequestStatus.REJECTED, f"rejected: {reason}"
-            self.rejected.append(request)
-            return False
-        self.waiting.append(request)
-        return True
+        return queue_or_reject(request, rejection_reason(request, self.max_model_len, self.blocks),
+                               self.waiting, self.rejected)
 
     def has_unfinished(self) -> bool:
         """True while a request waits or runs."""
