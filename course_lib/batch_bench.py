@@ -16,7 +16,6 @@ measured and predicted by the roofline.
 from __future__ import annotations
 
 import math
-import statistics
 import time
 
 import torch
@@ -26,6 +25,7 @@ from course_lib.batching import BatchKVCache, generate_static
 from course_lib.bench import BenchContext, SuiteResult, load_prompts, register
 from course_lib.env import synchronize
 from course_lib.generation import chat_input_ids
+from course_lib.measure import median_time
 from course_lib.paged_kv import kv_waste
 from course_lib.roofline import kv_bytes_per_position, measure_bandwidth, measure_matmul_tflops
 from course_lib.transformer import Transformer, bytes_per_token, flops_per_token
@@ -39,16 +39,8 @@ def decode_step_seconds(model, batch_size: int, context: int, steps: int = 5, wa
     cache = BatchKVCache.for_model(model, context + 1, batch_size)
     tokens = torch.zeros((batch_size, 1), dtype=torch.long, device=device)  # (B, 1)
     pos = torch.full((batch_size, 1), context, device=device)  # (B, 1)
-    times = []
     with torch.inference_mode():
-        for i in range(warmup + steps):
-            synchronize(device)
-            start = time.perf_counter()
-            model(tokens, pos, kv_cache=cache).argmax(-1)
-            synchronize(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return median_time(lambda: model(tokens, pos, kv_cache=cache).argmax(-1), device, steps, warmup)
 
 
 def roofline_step_seconds(model, batch_size: int, context: int, bandwidth_gb_s: float, tflops: float) -> dict:

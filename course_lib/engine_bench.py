@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 
-import torch
 
 from course_lib.batch_bench import decode_step_seconds, prompt_pool
 from course_lib.bench import BenchContext, SuiteResult, register

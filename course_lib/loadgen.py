@@ -29,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from course_lib.measure import RequestMetrics, aggregate, print_table
+from course_lib.measure import RequestMetrics, latency_row, print_table
 from course_lib.workload import WorkloadConfig, make_workload
 
 
@@ -124,11 +124,7 @@ class LoadResult:
                "output_tokens": tokens, "throughput_tok_s": tokens / duration if duration > 0 else 0.0,
                "requests_per_s": len(done) / duration if duration > 0 else 0.0}
         if done:
-            agg = aggregate([r.metrics() for r in done])
-            for key, name in (("ttft_s", "ttft"), ("tpot_s", "tpot"), ("itl_s", "itl"), ("e2e_s", "e2e")):
-                if key in agg:
-                    for q in ("median", "p90", "p99"):
-                        row[f"{name}_{'p50' if q == 'median' else q}_ms"] = getattr(agg[key], q) * 1e3
+            row.update(latency_row([r.metrics() for r in done], ("median", "p90", "p99")))
         return row
 
     def as_dict(self) -> dict:

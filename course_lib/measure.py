@@ -151,6 +151,15 @@ def aggregate(requests: Sequence[RequestMetrics]) -> dict[str, Summary]:
     return out
 
 
+def latency_row(requests: Sequence[RequestMetrics], quantiles: Sequence[str] = ("median", "p99"),
+                names: Sequence[str] = ("ttft", "tpot", "itl", "e2e")) -> dict[str, float]:
+    """Flat table columns such as ttft_p50_ms, e2e_p99_ms from aggregate(requests) (median -> p50);
+    a latency that no request has (e.g. TPOT of one-token replies) is left out."""
+    agg = aggregate(requests)
+    return {f"{name}_{'p50' if q == 'median' else q}_ms": getattr(agg[f"{name}_s"], q) * 1e3
+            for name in names if f"{name}_s" in agg for q in quantiles}
+
+
 # ---- warm-up, repeats, memory --------------------------------------------------------------
 
 def time_call(fn: Callable[[], Any], device: torch.device | str) -> float:

@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from collections import Counter
 
 import torch
 
 from course_lib.bench import PROMPTS_FILE, BenchContext, SuiteResult, register
 from course_lib.draft import DRAFT_PAIRS, draft_for
-from course_lib.env import synchronize
 from course_lib.generation import chat_input_ids, stop_token_ids
 from course_lib.kv_cache import KVCache, decode_step, prefill, stream_cached
-from course_lib.measure import time_stream
+from course_lib.measure import median_time, time_stream
 from course_lib.speculative import (DraftProposer, PromptLookup, SpecStats, expected_speedup,
                                     expected_tokens_per_call, stream_speculative)
 from course_lib.transformer import Transformer
@@ -72,16 +70,8 @@ def step_costs(target, draft, context: int = 256, gamma: int = DRAFT_GAMMA, mode
                     torch.compiler.cudagraph_mark_step_begin()
                     return fn(model, tokens, pos, cache)
 
-                for _ in range(3):  # warm-up: compiles and records the graph in compiled mode
-                    call()
-                samples = []
-                for _ in range(repeats):
-                    synchronize(device)
-                    start = time.perf_counter()
-                    call()
-                    synchronize(device)
-                    samples.append(time.perf_counter() - start)
-            times[name] = statistics.median(samples)
+                # 3 warm-up calls: they compile and record the graph in compiled mode
+                times[name] = median_time(call, device, repeats, warmup=3)
         c, v = times["draft"] / times["target"], times["verify"] / times["target"]
         out["modes"][mode] = {**{f"{k}_ms": t * 1e3 for k, t in times.items()}, "cost_ratio": c, "verify_cost": v,
                               "predicted_speedup": {str(a): expected_speedup(a, gamma, c, v) for a in alphas},

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from course_lib.generation import SamplingConfig
-from course_lib.measure import RequestMetrics, aggregate
+from course_lib.measure import RequestMetrics, latency_row
 from course_lib.scheduler import Request, RequestStatus
 
 
@@ -112,16 +112,12 @@ class ReplayResult:
 
     def summary(self) -> dict:
         """Throughput (output tok/s, requests/s over the whole replay) and TTFT/TPOT/E2E percentiles."""
-        agg = aggregate(self.metrics)
         row = {"requests": len(self.completed), "rejected": len(self.requests) - len(self.completed),
                "duration_s": self.duration_s, "output_tokens": self.output_tokens,
                "throughput_tok_s": self.output_tokens / self.duration_s,
                "requests_per_s": len(self.completed) / self.duration_s,
                "max_waiting": max((h.waiting for h in self.history), default=0)}
-        for key, name in (("ttft_s", "ttft"), ("tpot_s", "tpot"), ("e2e_s", "e2e")):
-            if key in agg:
-                row[f"{name}_p50_ms"] = agg[key].median * 1e3
-                row[f"{name}_p99_ms"] = agg[key].p99 * 1e3
+        row.update(latency_row(self.metrics, ("median", "p99"), ("ttft", "tpot", "e2e")))
         return row
 
 
