@@ -33,8 +33,7 @@ from course_lib.generation import SamplingConfig, stream_naive
 from course_lib.kv_cache import stream_cached
 from course_lib.quant import INT4, INT8, QuantLinear, quantize_model
 from course_lib.scheduler import Request, RequestStatus, rejection_reason
-from course_lib.spec_bench import DRAFT_GAMMA, LOOKUP_GAMMA, LOOKUP_NGRAM
-from course_lib.speculative import DraftProposer, PromptLookup, SpecStats, stream_speculative
+from course_lib.speculative import DRAFT_GAMMA, LOOKUP_GAMMA, LOOKUP_NGRAM, DraftProposer, PromptLookup, SpecStats, stream_speculative
 from course_lib.transformer import Transformer
 
 QUANT_SCHEMES = {"int8": INT8, "int4": INT4}

@@ -25,14 +25,10 @@ from course_lib.draft import DRAFT_PAIRS, draft_for
 from course_lib.generation import chat_input_ids, stop_token_ids
 from course_lib.kv_cache import KVCache, decode_step, prefill, stream_cached
 from course_lib.measure import median_time, time_stream
-from course_lib.speculative import (DraftProposer, PromptLookup, SpecStats, expected_speedup,
+from course_lib.speculative import (DRAFT_GAMMA, DRAFT_MIN_CONFIDENCE, LOOKUP_GAMMA, LOOKUP_NGRAM, DraftProposer, PromptLookup, SpecStats, expected_speedup,
                                     expected_tokens_per_call, stream_speculative)
 from course_lib.transformer import Transformer
 
-DRAFT_GAMMA = 4  # guesses per target call for the draft model (the notebook's gamma sweep picks it)
-LOOKUP_GAMMA = 12  # prompt lookup's guesses cost nothing to make, so it guesses further
-LOOKUP_NGRAM = (3, 2)  # (max, min) n-gram length: one-token matches guess poorly and waste verify time
-DRAFT_MIN_CONFIDENCE = 0.4  # the adaptive draft stops guessing below this top probability (transformers' default)
 ADAPTIVE = "draft, stop < 0.4"
 
 

@@ -31,6 +31,12 @@ from course_lib.kv_cache import KVCache, decode_step, prefill
 
 # Shape letters: k proposed tokens, V vocabulary.
 
+# Defaults notebook 07 measured (its gamma sweep); the engine and the spec bench use them.
+DRAFT_GAMMA = 4  # guesses per target call for the draft model (the notebook's gamma sweep picks it)
+LOOKUP_GAMMA = 12  # prompt lookup's guesses cost nothing to make, so it guesses further
+LOOKUP_NGRAM = (3, 2)  # (max, min) n-gram length: one-token matches guess poorly and waste verify time
+DRAFT_MIN_CONFIDENCE = 0.4  # the adaptive draft stops guessing below this top probability (transformers' default)
+
 
 # ---- the acceptance rule -----------------------------------------------------------------------
 
