@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from course_lib.paths import data_path
 from course_lib.transformer import Block, ModelConfig, RMSNorm, RotaryEmbedding, Transformer
 
 # Shape letters: B batch, T tokens, C hidden size, K head vocabulary, V full vocabulary.
@@ -114,12 +115,8 @@ def init_from_target(target: Transformer, config: DraftConfig, head_ids: torch.T
 
 
 def default_draft_path() -> Path:
-    """data/draft/draft.safetensors of the repository (also found from notebooks/)."""
-    here = Path(__file__).resolve().parent.parent / "data" / "draft" / DRAFT_FILE
-    for path in (here, Path.cwd() / "data" / "draft" / DRAFT_FILE, Path.cwd().parent / "data" / "draft" / DRAFT_FILE):
-        if path.is_file():
-            return path
-    return here
+    """The course's distilled draft, data/draft/draft.safetensors (found by course_lib.paths)."""
+    return data_path(f"draft/{DRAFT_FILE}")
 
 
 def save_draft(draft: DraftModel, path: str | Path, metadata: dict[str, str] | None = None) -> Path:

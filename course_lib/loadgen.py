@@ -134,7 +134,7 @@ class LoadResult:
 
 def default_prompts() -> tuple[str, ...]:
     """The course's prompt set (data/prompts.jsonl), short and long."""
-    from course_lib.bench import load_prompts
+    from course_lib.paths import load_prompts
 
     return tuple(load_prompts(1000, "short") + load_prompts(1000, "long"))
 

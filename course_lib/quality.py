@@ -21,18 +21,21 @@ import torch
 import torch.nn.functional as F
 
 from course_lib.generation import chat_input_ids, forward_logits, stop_token_ids
+from course_lib.paths import data_path
 
-HELDOUT_FILE = Path(__file__).resolve().parent.parent / "data" / "heldout.txt"
+HELDOUT_FILE = "heldout.txt"  # a course data file (course_lib.paths), written for the course
 WINDOW_TOKENS = 256  # tokens per perplexity window (fast on a CPU; 4 windows = 1,020 predictions)
 NUM_WINDOWS = 4
 REPLY_TOKENS = 16  # reference reply length for greedy agreement
 
 
 def heldout_windows(tokenizer, window: int = WINDOW_TOKENS, num_windows: int | None = NUM_WINDOWS,
-                    path: str | Path = HELDOUT_FILE) -> torch.Tensor:
+                    path: str | Path | None = None) -> torch.Tensor:
     """Token windows (N, window) spread evenly over the held-out text, so they cover different topics;
-    num_windows=None cuts the whole text into consecutive windows (the bench suite uses all of it)."""
-    ids = tokenizer(Path(path).read_text(), return_tensors="pt")["input_ids"][0]
+    num_windows=None cuts the whole text into consecutive windows (the bench suite uses all of it).
+    path: a text file of your own (default: the course's data/heldout.txt)."""
+    path = Path(path) if path is not None else data_path(HELDOUT_FILE)
+    ids = tokenizer(path.read_text(encoding="utf-8"), return_tensors="pt")["input_ids"][0]
     available = len(ids) // window
     if num_windows is None:
         num_windows = available

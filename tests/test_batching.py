@@ -4,7 +4,7 @@ batch, exactly the tokens it gets alone; waste accounting; the batch-size sweep'
 import pytest
 import torch
 
-from course_lib.batch_bench import batch_sweep, roofline_step_seconds
+from course_lib.bench.batch import batch_sweep, roofline_step_seconds
 from course_lib.batching import (
     PAD_POS,
     BatchKVCache,

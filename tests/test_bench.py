@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from course_lib.bench import SUITES, load_prompts, main
+from course_lib.bench import SUITES, main
 
 
 def _check_record(path, suite, ratios):
@@ -54,11 +54,6 @@ def test_unknown_suite_lists_suites(capsys):
 def test_too_few_new_tokens_rejected(capsys):
     assert main(["--suite", "loop", "--new-tokens", "1"]) == 2
     assert "at least 2" in capsys.readouterr().err
-
-
-def test_load_prompts_reads_short_prompts():
-    prompts = load_prompts(3)
-    assert len(prompts) == 3 and all(isinstance(p, str) and p for p in prompts)
 
 
 def test_missing_suite_argument_exits():

@@ -15,7 +15,7 @@ import course_lib.models
 from course_lib import bench
 from course_lib.bench import COURSE_ORDER, BenchContext, SuiteResult, main
 from course_lib.env import run_sizes
-from course_lib.engine_bench import engine_suite, engine_workload, int8_decision
+from course_lib.bench.engine import engine_suite, engine_workload, int8_decision
 from course_lib.quant import QuantLinear
 from course_lib.transformer import Transformer
 

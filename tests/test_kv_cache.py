@@ -6,7 +6,7 @@ import torch
 
 
 from course_lib.generation import SamplingConfig, chat_input_ids, generate_naive
-from course_lib.kv_bench import estimate_naive_seconds, long_system_prompt, shared_prefix
+from course_lib.bench.kv import estimate_naive_seconds, long_system_prompt, shared_prefix
 from course_lib.kv_cache import (
     KVCache,
     PrefixCache,

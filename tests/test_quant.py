@@ -30,7 +30,7 @@ from course_lib.quant import (
     quantize_model,
     unpack_int4,
 )
-from course_lib.quant_bench import bnb_config
+from course_lib.bench.quant import bnb_config
 from course_lib.transformer import ModelConfig, Transformer
 
 SCHEMES = [

@@ -63,7 +63,7 @@ def kv_decode(model_name: str, compile_too: bool) -> dict:
 
     from course_lib.env import hardware_stamp, pick_device
     from course_lib.generation import chat_input_ids
-    from course_lib.kv_bench import compare_compiled_decode, _static_decode_run
+    from course_lib.bench.kv import compare_compiled_decode, _static_decode_run
     from course_lib.kv_cache import decode_step
     from course_lib.models import load_model
     from course_lib.roofline import measure_bandwidth, measure_matmul_tflops, model_decode_ceiling

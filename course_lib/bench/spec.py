@@ -14,13 +14,13 @@ with CUDA graphs, to give the cost ratio c of the theory.
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections import Counter
 
 import torch
 
-from course_lib.bench import PROMPTS_FILE, BenchContext, SuiteResult, register
+from course_lib.bench import BenchContext, SuiteResult, register
+from course_lib.paths import prompt_rows
 from course_lib.draft import DRAFT_PAIRS, draft_for
 from course_lib.generation import chat_input_ids, stop_token_ids
 from course_lib.kv_cache import KVCache, decode_step, prefill, stream_cached
@@ -77,7 +77,7 @@ def step_costs(target, draft, context: int = 256, gamma: int = DRAFT_GAMMA, mode
 
 def load_rows(per_category: int | None = None) -> list[dict]:
     """The prompts of data/prompts.jsonl with id and category: all, or the first per_category of each."""
-    rows = [json.loads(line) for line in PROMPTS_FILE.read_text().splitlines() if line.strip()]
+    rows = prompt_rows()
     if per_category is None:
         return rows
     if per_category < 1:

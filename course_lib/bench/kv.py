@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from course_lib.bench import BenchContext, SuiteResult, load_prompts, register, run_hf_generate
+from course_lib.bench import BenchContext, SuiteResult, register, run_hf_generate
+from course_lib.paths import load_prompts
 from course_lib.env import synchronize
 from course_lib.generation import chat_input_ids, generate_naive, stream_naive
 from course_lib.kv_cache import KVCache, PrefixCache, decode_step, prefill, stream_cached

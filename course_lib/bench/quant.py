@@ -17,7 +17,8 @@ import statistics
 
 import torch
 
-from course_lib.bench import BenchContext, SuiteResult, load_prompts, register, run_hf_generate
+from course_lib.bench import BenchContext, SuiteResult, register, run_hf_generate
+from course_lib.paths import load_prompts
 from course_lib.env import pick_device
 from course_lib.generation import chat_input_ids
 from course_lib.kv_cache import stream_cached

@@ -22,7 +22,8 @@ import torch
 
 from course_lib.batch_engine import ContinuousBatchEngine, StaticBatchEngine
 from course_lib.batching import BatchKVCache, generate_static
-from course_lib.bench import BenchContext, SuiteResult, load_prompts, register
+from course_lib.bench import BenchContext, SuiteResult, register
+from course_lib.paths import load_prompts
 from course_lib.env import synchronize
 from course_lib.generation import chat_input_ids
 from course_lib.measure import median_time

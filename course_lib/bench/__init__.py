@@ -1,4 +1,4 @@
-"""Benchmark suites behind `python -m course_lib bench`. Built in notebooks/03_measuring_inference.ipynb.
+"""The benchmark harness behind `python -m course_lib bench`. Built in notebooks/03_measuring_inference.ipynb.
 
     python -m course_lib bench --suite NAME [--model M] [--device D] [--new-tokens N] [--json FILE]
     python -m course_lib bench --suite all --json FILE
@@ -6,8 +6,9 @@
 Each suite measures its variants side by side in one run and returns dimensionless ratios
 (the numbers worth comparing across machines) plus the absolute results behind them. The JSON
 holds "name" (the suite), "hardware", "model", "dtype", "device", "settings", "results",
-"ratios" and "created" (a course_lib.measure.BenchRecord). Later notebooks add
-suites to SUITES with @register("name").
+"ratios" and "created" (a course_lib.measure.BenchRecord). Each notebook's suites live in a module of this package
+(`loop` for 03, `kv` for 04, `quant` 05, `batch` 06, `spec` 07, `engine` 08) and add themselves to
+SUITES with @register("name"); `load_suites()` imports them all.
 
 `--suite all` loads the model once and runs every suite in course order (COURSE_ORDER, then any
 other registered suite). Its JSON has the same top-level keys, with "name": "all", "results" one
@@ -23,7 +24,6 @@ import argparse
 import gc
 import json
 import math
-import statistics
 import sys
 import time
 import traceback
@@ -35,11 +35,7 @@ import torch
 
 from course_lib.env import RunSizes, run_sizes, synchronize
 from course_lib.measure import BenchRecord, RequestMetrics, format_table, time_stream
-from course_lib.roofline import measure_bandwidth, measure_matmul_tflops, model_decode_ceiling
 
-PROMPTS_FILE = Path(__file__).resolve().parent.parent / "data" / "prompts.jsonl"
-FALLBACK_PROMPTS = ["What is the capital of France?", "Write a two-line poem about rain on a tin roof.",
-                    "Give me a simple recipe for a vegetable soup."]
 CPU_LOOP_TOKENS = 24  # new tokens per request on CPU: keeps the loop suite near a minute on 2 cores
 
 
@@ -81,16 +77,6 @@ def register(name: str):
         SUITES[name] = fn
         return fn
     return add
-
-
-def load_prompts(n: int, length: str = "short") -> list[str]:
-    """The first n prompts of the given length from data/prompts.jsonl (built-in ones if absent)."""
-    if PROMPTS_FILE.is_file():
-        rows = [json.loads(line) for line in PROMPTS_FILE.read_text().splitlines() if line.strip()]
-        prompts = [r["prompt"] for r in rows if r.get("length", length) == length]
-    else:
-        prompts = FALLBACK_PROMPTS
-    return prompts[:n]
 
 
 def prompt_ids(ctx: BenchContext, prompts: list[str]) -> list[torch.Tensor]:
@@ -152,89 +138,18 @@ def run_hf_generate(model, input_ids: torch.Tensor, new_tokens: int, device) -> 
     return out[0, ids.shape[1]:].tolist(), RequestMetrics.from_timestamps(start, times)
 
 
-def _row(label: str, prompt_tokens: list[int], runs: list[RequestMetrics]) -> dict:
-    return {"loop": label, "requests": len(runs), "prompt_tokens": statistics.median(prompt_tokens),
-            "new_tokens": runs[0].output_tokens,
-            "ttft_ms": statistics.median(r.ttft_s for r in runs) * 1e3,
-            "tpot_ms": statistics.median(r.tpot_s for r in runs) * 1e3,
-            "decode_tok_s": statistics.median(r.decode_tokens_per_s for r in runs)}
-
-
-LOOP_COLUMNS = [("loop", "loop"), ("requests", "requests"), ("prompt_tokens", "prompt (tokens)"),
-                ("new_tokens", "new (tokens)"), ("ttft_ms", "TTFT (ms)"), ("tpot_ms", "TPOT (ms)"),
-                ("decode_tok_s", "decode (tok/s)")]
-
-
-@register("loop")
-def loop_suite(ctx: BenchContext) -> SuiteResult:
-    """The naive loop (full recompute per token) against transformers' generate (KV cache), greedy."""
-    naive, naive_label = naive_model(ctx.model)
-    prompts = prompt_ids(ctx, load_prompts(ctx.num_prompts))
-    run_naive(naive, prompts[0], warmup_tokens(ctx), ctx.device)  # warm-up: first calls pay one-time costs
-    run_hf_generate(ctx.model, prompts[0], warmup_tokens(ctx), ctx.device)
-    naive_runs, hf_runs, same = [], [], 0
-    for ids in prompts:
-        naive_tokens, m = run_naive(naive, ids, ctx.new_tokens, ctx.device)
-        naive_runs.append(m)
-        hf_tokens, m = run_hf_generate(ctx.model, ids, ctx.new_tokens, ctx.device)
-        hf_runs.append(m)
-        same += naive_tokens == hf_tokens
-    lengths = [ids.shape[1] for ids in prompts]
-    rows = [_row(naive_label, lengths, naive_runs), _row("transformers generate (KV cache)", lengths, hf_runs)]
-    return SuiteResult(
-        results=rows,
-        ratios={"naive_vs_hf_decode": rows[0]["decode_tok_s"] / rows[1]["decode_tok_s"]},
-        settings={"prompts": len(prompts), "new_tokens": ctx.new_tokens, "batch": 1, "sampling": "greedy",
-                  "statistic": "median over prompts, one timed request each after one warm-up request",
-                  "greedy_tokens_identical": f"{same}/{len(prompts)} prompts"},
-        columns=LOOP_COLUMNS)
-
-
-@register("hardware")
-def hardware_suite(ctx: BenchContext) -> SuiteResult:
-    """Memory bandwidth, matmul rate, the model's batch-1 decode ceiling and how close loops get."""
-    bandwidth = measure_bandwidth(ctx.device, repeats=ctx.sizes.repeats + 2)
-    tflops = measure_matmul_tflops(ctx.device, getattr(torch, ctx.info.dtype), repeats=ctx.sizes.repeats + 2)
-    ids = prompt_ids(ctx, load_prompts(1))[0]
-    context = ids.shape[1] + ctx.new_tokens // 2  # mean context while generating
-    ceiling = model_decode_ceiling(ctx.info, bandwidth, context)
-    naive, naive_label = naive_model(ctx.model)
-    run_naive(naive, ids, warmup_tokens(ctx), ctx.device)  # warm-up
-    _, m = run_naive(naive, ids, ctx.new_tokens, ctx.device)
-    run_hf_generate(ctx.model, ids, warmup_tokens(ctx), ctx.device)
-    _, hf = run_hf_generate(ctx.model, ids, ctx.new_tokens, ctx.device)
-    rows = [
-        {"quantity": "memory bandwidth (copy, read + write)", "value": bandwidth, "unit": "GB/s"},
-        {"quantity": f"matmul rate ({ctx.info.dtype})", "value": tflops * 1e3, "unit": "GFLOP/s"},
-        {"quantity": f"decode ceiling ({ctx.info.bytes / 1e6:.0f} MB weights, context {context})",
-         "value": ceiling, "unit": "tok/s"},
-        {"quantity": naive_label, "value": m.decode_tokens_per_s, "unit": "tok/s"},
-        {"quantity": "transformers generate (KV cache)", "value": hf.decode_tokens_per_s, "unit": "tok/s"},
-    ]
-    return SuiteResult(
-        results=rows,
-        ratios={"naive_roofline_fraction": m.decode_tokens_per_s / ceiling,
-                "hf_generate_roofline_fraction": hf.decode_tokens_per_s / ceiling},
-        settings={"prompt_tokens": ids.shape[1], "new_tokens": ctx.new_tokens, "batch": 1,
-                  "ceiling": "bandwidth / (weight bytes + KV bytes at the mean context)",
-                  "bandwidth_bytes": "256 MB copy on CPU, 1 GB on GPU; median of repeats"},
-        columns=[("quantity", "quantity"), ("value", "value"), ("unit", "unit")])
-
-
-# Later notebooks keep their suites beside their own code; importing a module registers its suite.
-SUITE_MODULES = ("course_lib.kv_bench", "course_lib.quant_bench", "course_lib.batch_bench",
-                 "course_lib.spec_bench", "course_lib.engine_bench")
+# One module per notebook, in course order; importing a module registers its suites.
+SUITE_MODULES = ("course_lib.bench.loop", "course_lib.bench.kv", "course_lib.bench.quant", "course_lib.bench.batch",
+                 "course_lib.bench.spec", "course_lib.bench.engine")
 COURSE_ORDER = ("loop", "hardware", "kv", "quant", "batch", "spec", "engine")  # the order of `--suite all`
 
 
 def load_suites() -> None:
     """Import every suite module that exists in this checkout (each registers itself)."""
     import importlib
-    import importlib.util
 
     for name in SUITE_MODULES:
-        if importlib.util.find_spec(name) is not None:
-            importlib.import_module(name)
+        importlib.import_module(name)
 
 
 def suite_order() -> list[str]:

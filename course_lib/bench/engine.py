@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 
 
-from course_lib.batch_bench import decode_step_seconds, prompt_pool
+from course_lib.bench.batch import decode_step_seconds, prompt_pool
 from course_lib.bench import BenchContext, SuiteResult, register
 from course_lib.engine import Engine, EngineConfig
 from course_lib.quant import INT8, quantize_model
