@@ -184,6 +184,11 @@ def fake_quantize(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     return quantize(w, scheme).dequantize(w.dtype)
 
 
+def wide_range(dtype: torch.dtype) -> bool:
+    """True for float types with fp32's exponent range (fp32, bf16); False for fp16."""
+    return torch.finfo(dtype).max > 1e38
+
+
 class QuantLinear(nn.Module):
     """A linear layer whose weight is kept as codes and scales and dequantized on every forward."""
 
@@ -208,9 +213,11 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # On the fly: the whole float weight is rebuilt for every call, which costs time. Fused
         # kernels dequantize inside the matmul instead, so only the small codes cross memory.
-        if self.scheme.symmetric and self.scheme.bits == 8 and self.scheme.granularity != "group":
+        if self.scheme.symmetric and self.scheme.bits == 8 and self.scheme.granularity != "group" and wide_range(x.dtype):
             # One scale per output row (or tensor) factors out of the dot product:
             # x . (q * s) = (x . q) * s, so we convert the codes and scale the (small) output instead.
+            # x . q is about 1/s (~100-1000) times the real output: fine in fp32 and bf16 (range
+            # 3e38), but it overflows fp16 (max 65,504), which rebuilds the float weight instead.
             y = F.linear(x, self.codes.to(x.dtype)) * self.scale.to(x.dtype).flatten()
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.qweight.dequantize(x.dtype), self.bias)

@@ -128,6 +128,46 @@ def test_quant_linear_equals_linear_with_dequantized_weight(scheme):
     assert q.codes.dtype == (torch.uint8 if scheme.bits == 4 or not scheme.symmetric else torch.int8)
 
 
+LOW_PRECISION = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("scheme", [INT8, INT4, QuantScheme(4, "group", 32, symmetric=False, float_zero=True)],
+                         ids=lambda s: s.label)
+def test_round_trip_error_bounded_in_every_dtype(scheme, dtype):
+    """Dequantizing into bf16/fp16 adds one rounding of the result (eps/2 of |w|) to the s/2 bound."""
+    w = matrices()["heavy"]
+    qt = quantize(w, scheme)
+    err = (qt.dequantize(dtype).float() - w).abs()
+    eps = torch.finfo(dtype).eps
+    bound = step_per_element(qt) * (0.5 + eps) + eps * w.abs() + 4 * torch.finfo(torch.float32).eps * w.abs()
+    assert (err <= bound).all(), f"{dtype}: max excess {(err - bound).max():.3g}"
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("scheme", [INT8, INT4], ids=lambda s: s.label)
+def test_quant_linear_is_safe_and_accurate_in_every_dtype(scheme, dtype):
+    """Activations as large as the default model's (|x| ~ 450 into a down projection) must not
+    overflow fp16: x . q is ~1/s times the real output, so int8 may not factor the scale out there.
+    Bound: rounding x and the dequantized weight to the dtype (eps each, relative) plus rounding
+    the output (eps |y|), with fp32 accumulation; 4x margin."""
+    g = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(1536, 96, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(96, 1536, generator=g) * 0.02)
+    x = torch.randn(4, 1536, generator=g) * 60
+    x[:, :8] = 450.0  # a few large channels, as real activations have
+    q = QuantLinear.from_linear(linear, scheme)
+    w_deq = quantize(linear.weight, scheme).dequantize()  # fp32
+    x_low = x.to(dtype)
+    expected = F.linear(x_low.float(), w_deq)  # exact-ish reference from the same rounded input
+    y = q.to(dtype)(x_low).float()
+    assert torch.isfinite(y).all(), f"{scheme.label} in {dtype} overflowed"
+    eps = torch.finfo(dtype).eps
+    bound = 4 * eps * (F.linear(x_low.float().abs(), w_deq.abs()) + expected.abs()) + 1e-5
+    assert ((y - expected).abs() <= bound).all(), f"max excess {((y - expected).abs() - bound).max():.3g}"
+
+
 def test_quant_embedding_dequantizes_only_the_rows_it_reads():
     w = matrices()["normal"]
     for scheme in (INT8, INT4, QuantScheme(8, "tensor")):
