@@ -158,20 +158,50 @@ def load_draft(target: Transformer, path: str | Path | None = None) -> DraftMode
     return draft.eval()
 
 
+def shape_only_draft(target: Transformer, num_layers: int = 2) -> DraftModel:
+    """An untrained draft shaped for any target: copies of its first layers and a head over the
+    first min(8192, V) token ids. For random-weight (shape-only) targets: it measures the cost of
+    drafting (c), not a meaningful acceptance rate."""
+    layers = min(num_layers, target.config.num_layers)
+    config = DraftConfig(num_layers=layers, head_vocab=min(DraftConfig.head_vocab, target.config.vocab_size),
+                         init_layers=tuple(range(layers)))
+    head_ids = torch.arange(config.head_vocab, device=target.embed_tokens.weight.device)
+    return init_from_target(target, config, head_ids).eval()
+
+
+def draft_label(target_name: str, draft_name: str | None = None) -> str:
+    """What draft_for(target, target_name, draft_name) returns, in words."""
+    from course_lib.models import RANDOM_SUFFIX
+
+    if target_name.endswith(RANDOM_SUFFIX) and target_name.removesuffix(RANDOM_SUFFIX) not in DRAFT_PAIRS:
+        return "untrained 2-layer draft copied from the shape-only target (measures cost, not acceptance)"
+    pair = draft_name or DRAFT_PAIRS.get(target_name.removesuffix(RANDOM_SUFFIX), ("?",))[0]
+    if pair == "offline-draft":
+        return ("the course's distilled 2-layer draft (data/draft)" if not target_name.endswith(RANDOM_SUFFIX)
+                else "untrained 2-layer draft copied from the shape-only target (measures cost, not acceptance)")
+    return pair + (RANDOM_SUFFIX if target_name.endswith(RANDOM_SUFFIX) else "")
+
+
 def draft_for(target: Transformer, target_name: str, draft_name: str | None = None) -> nn.Module:
     """The draft of DRAFT_PAIRS[target_name] (the first unless draft_name), as a course model on the
-    target's device and dtype. Hub drafts need the network; offline they raise ModelUnavailableError."""
-    from course_lib.models import load_model
+    target's device and dtype. Hub drafts need the network; offline they raise ModelUnavailableError.
+    A random-weight target ("name:random") gets its pair with random weights too, or, where the pair
+    is the offline draft or there is none, shape_only_draft(target): draft_label says which."""
+    from course_lib.models import RANDOM_SUFFIX, load_model
 
-    if target_name not in DRAFT_PAIRS:
+    random_weights = target_name.endswith(RANDOM_SUFFIX)
+    preset = target_name.removesuffix(RANDOM_SUFFIX)
+    if random_weights and (draft_name or DRAFT_PAIRS.get(preset, ("offline-draft",))[0]) == "offline-draft":
+        return shape_only_draft(target)
+    if preset not in DRAFT_PAIRS:
         raise ValueError(f"no draft pair for {target_name!r}; pairs: {DRAFT_PAIRS}")
-    draft_name = draft_name or DRAFT_PAIRS[target_name][0]
-    if draft_name not in DRAFT_PAIRS[target_name]:
-        raise ValueError(f"{draft_name!r} is not a draft for {target_name!r}: choose from {DRAFT_PAIRS[target_name]}")
+    draft_name = draft_name or DRAFT_PAIRS[preset][0]
+    if draft_name not in DRAFT_PAIRS[preset]:
+        raise ValueError(f"{draft_name!r} is not a draft for {preset!r}: choose from {DRAFT_PAIRS[preset]}")
     if draft_name == "offline-draft":
         return load_draft(target)
     ref = next(target.parameters())
-    hf_draft, _, _ = load_model(draft_name, ref.device, ref.dtype)
+    hf_draft, _, _ = load_model(draft_name + (RANDOM_SUFFIX if random_weights else ""), ref.device, ref.dtype)
     draft = Transformer.from_hf(hf_draft)
     if draft.config.vocab_size != target.config.vocab_size:
         raise ValueError(f"draft vocabulary {draft.config.vocab_size} != target vocabulary {target.config.vocab_size}")

