@@ -72,6 +72,24 @@ def synchronize(device: torch.device | str) -> None:
         torch.mps.synchronize()
 
 
+def free_memory_bytes(device: torch.device | str) -> int:
+    """Memory a new allocation can still get on the device: free GPU memory on CUDA, available RAM
+    on the CPU (and on MPS, which shares it)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def fits_in_memory(needed_bytes: float, device: torch.device | str, headroom: float = 0.8) -> bool:
+    """True when needed_bytes fit in headroom x the device's free memory. Notebooks use it to
+    shrink or skip a cell, with a printed reason, instead of running out of memory."""
+    return needed_bytes <= headroom * free_memory_bytes(device)
+
+
 @dataclass(frozen=True)
 class RunSizes:
     """How big the notebooks' experiments are; one place that adapts to the device."""

@@ -52,3 +52,12 @@ def test_hardware_stamp_names_the_machine():
     assert stamp.transformers and stamp.transformers[0].isdigit()
     assert (stamp.gpu is None) == (not torch.cuda.is_available() and not torch.backends.mps.is_available())
     assert set(stamp.as_dict()) >= {"cpu", "gpu", "torch", "transformers", "bitsandbytes"}
+
+
+def test_memory_check_scales_with_what_is_free():
+    from course_lib.env import fits_in_memory, free_memory_bytes
+
+    free = free_memory_bytes("cpu")
+    assert free > 0
+    assert fits_in_memory(1, "cpu") and not fits_in_memory(free * 2, "cpu")
+    assert not fits_in_memory(free * 0.9, "cpu", headroom=0.5)
