@@ -11,7 +11,7 @@ Memory: 2 (K and V) x layers x KV heads x head dim x tokens x bytes per value, p
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
@@ -194,6 +194,22 @@ def _stream_cached(model, input_ids, max_new_tokens, sampling, stop_ids, generat
         with torch.inference_mode():
             logits = decode_step(model, next_id.view(1, 1), input_pos, cache)
             input_pos += 1  # in place: no new tensor per step
+
+
+@torch.inference_mode()
+def cached_logit_gap(model, input_ids: torch.Tensor, tokens: Sequence[int]) -> float:
+    """Largest |logit| difference between the cached path (prefill, then one decode step per given
+    token, fed in as given) and one full forward over prompt + tokens. Both compute the same
+    function: in fp32 the gap is rounding error; in bf16/fp16 it shows how far rounding moves logits."""
+    T, device = input_ids.shape[1], input_ids.device
+    cache = KVCache.for_model(model, T + len(tokens))
+    steps = [prefill(model, input_ids, cache)]  # (1, V): logits for the token after the prompt
+    for i, token in enumerate(tokens[:-1]):
+        steps.append(decode_step(model, torch.tensor([[token]], device=device), torch.tensor([T + i], device=device), cache))
+    cached = torch.cat(steps).float()  # (N, V)
+    full = model(torch.cat([input_ids, torch.tensor([list(tokens[:-1])], device=device, dtype=input_ids.dtype)], 1)
+                 if len(tokens) > 1 else input_ids)[0, T - 1:].float()  # (N, V)
+    return float((cached - full).abs().max())
 
 
 def generate_cached(model, input_ids: torch.Tensor, max_new_tokens: int,

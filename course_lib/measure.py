@@ -244,6 +244,34 @@ def peak_memory(fn: Callable[[], Any], device: torch.device | str,
 
 # ---- results as records --------------------------------------------------------------------
 
+# ---- exactness: when two paths should give the same tokens -------------------------------
+
+def first_divergence(ours: Sequence[int], ref: Sequence[int]) -> int | None:
+    """Index of the first position where two token lists differ (or where the shorter one ends);
+    None when they are identical."""
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        if a != b:
+            return i
+    return None if len(ours) == len(ref) else min(len(ours), len(ref))
+
+
+def token_match(label: str, ours: Sequence[int], ref: Sequence[int], dtype: torch.dtype | str,
+                max_logit_diff: float | None = None) -> str:
+    """One line for a notebook: the two greedy token lists are identical, or where they part, with
+    the largest logit difference when given, and whether parting is expected in this dtype."""
+    dtype = str(dtype).removeprefix("torch.")
+    gap = "" if max_logit_diff is None else f"; largest logit difference {max_logit_diff:.1e}"
+    n = first_divergence(ours, ref)
+    if n is None:
+        return f"{label}: identical, {len(ref)} greedy tokens ({dtype}{gap})"
+    if dtype == "float32":
+        why = "unexpected in fp32, where both paths agree to rounding error: a bug to look for"
+    else:
+        why = (f"expected in {dtype}: the two paths add numbers in a different order, so they round "
+               "differently, and a near-tie between two tokens flips; after that the texts differ")
+    return f"{label}: first divergence at new token {n + 1} of {len(ref)}{gap} ({why})"
+
+
 @dataclass
 class BenchRecord:
     """One benchmark's results with everything needed to read them later (saved as JSON)."""

@@ -239,3 +239,19 @@ def test_estimate_naive_seconds_interpolates_linearly():
     assert estimate_naive_seconds(steps, 29, 3) == pytest.approx(3.8 + 4.0 + 4.2)  # extended past 30
     with pytest.raises(ValueError, match="two or more"):
         estimate_naive_seconds({10: 1.0}, 10, 2)
+
+
+def test_cached_logit_gap_is_rounding_error_and_catches_a_wrong_cache(monkeypatch):
+    from course_lib import kv_cache
+    from course_lib.kv_cache import cached_logit_gap
+
+    model = tiny_transformer()
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    tokens = [3, 8, 4, 6]
+    assert cached_logit_gap(model, ids, tokens) < 1e-4
+    assert cached_logit_gap(model.to(torch.bfloat16), ids, tokens) < 0.5
+    model = model.float()
+    real = kv_cache.decode_step
+    # a decode step that writes its token one position too far (a classic off-by-one) must show
+    monkeypatch.setattr(kv_cache, "decode_step", lambda m, t, pos, c: real(m, t, pos + 1, c))
+    assert cached_logit_gap(model, ids, tokens) > 1e-3

@@ -181,3 +181,17 @@ def test_show_stream_returns_metrics(widget, capsys):
     assert isinstance(m, RequestMetrics) and m.output_tokens == 3
     out = capsys.readouterr().out
     assert "abc" in out and "3 tokens, TTFT" in out
+
+
+def test_first_divergence_and_token_match():
+    from course_lib.measure import first_divergence, token_match
+
+    assert first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert first_divergence([1, 9, 3], [1, 2, 3]) == 1
+    assert first_divergence([1, 2], [1, 2, 3]) == 2  # one list ends early: they part where it ends
+    assert first_divergence([], []) is None
+    same = token_match("a vs b", [1, 2, 3], [1, 2, 3], torch.float32)
+    assert "identical, 3 greedy tokens (float32" in same
+    low = token_match("a vs b", [1, 5, 3], [1, 2, 3], torch.bfloat16, max_logit_diff=0.25)
+    assert "first divergence at new token 2 of 3" in low and "2.5e-01" in low and "expected in bfloat16" in low
+    assert "bug" in token_match("a vs b", [1, 5], [1, 2], "float32")
