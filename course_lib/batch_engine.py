@@ -9,6 +9,10 @@ Both engines take Request objects as they arrive (add_request) and do one step o
                              decode step for every running request, retire the finished at once.
                              Keys/values live in a PagedKVCache: attention really reads them through
                              the block tables that the scheduler's BlockManager hands out.
+
+A server batches strangers, so one request's failure must stay its own: the continuous engine
+samples each row apart (batching.sample_each_row), and a forward that raises is run again one
+request at a time, so only the request that fails alone is retired, with finish_reason "error".
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from course_lib.batching import StaticBatch, pad_batch, sample_rows
+from course_lib.batching import StaticBatch, pad_batch, sample_each_row
 from course_lib.env import synchronize
+from course_lib.generation import apply_penalties, token_logprobs
 from course_lib.paged_kv import BlockManager, KVSample, PagedKVCache
 from course_lib.scheduler import Request, RequestStatus, Scheduler, queue_or_reject, rejection_reason
 
@@ -58,7 +63,10 @@ class StaticBatchEngine:
         """Queue a request (its arrival time defaults to now), or reject it with a reason; True if queued."""
         if request.arrival_time is None:
             request.arrival_time = time.perf_counter()
-        return queue_or_reject(request, rejection_reason(request, self.max_model_len), self.waiting, self.rejected)
+        reason = rejection_reason(request, self.max_model_len)
+        if reason is None and request.needs_logits:
+            reason = "the static engine samples without penalties and returns no logprobs"
+        return queue_or_reject(request, reason, self.waiting, self.rejected)
 
     def has_unfinished(self) -> bool:
         """True while a request waits or a batch runs."""
@@ -137,20 +145,38 @@ class ContinuousBatchEngine:
         return self.scheduler.rejected
 
     def step(self) -> list[Request]:
-        """Admit -> prefill the admitted -> decode every running request -> retire; return the finished."""
-        done, prefill_tokens = [], 0
+        """Schedule (admit waiting requests, reserve a KV position for each running one) -> run (prefill
+        the admitted, decode the running) -> postprocess (append tokens, retire the finished and the
+        failed); return the requests that ended in this step."""
+        done, prefill_tokens, new_tokens = [], 0, 0
         admitted = self.scheduler.admit()
         if admitted:
             prefill_tokens = sum(r.num_tokens for r in admitted)
-            done += self._forward(admitted, prefill=True)
+            results = self._run(admitted, prefill=True)
+            new_tokens += sum(not isinstance(token, Exception) for token, _ in results)
+            done += self._postprocess(admitted, results)
         decoding = self.scheduler.prepare_decode()
         if decoding:
-            done += self._forward(decoding, prefill=False)
-        self._record(len(decoding), prefill_tokens, len(admitted) + len(decoding))
+            results = self._run(decoding, prefill=False)
+            new_tokens += sum(not isinstance(token, Exception) for token, _ in results)
+            done += self._postprocess(decoding, results)
+        self._record(len(decoding), prefill_tokens, new_tokens)
         return done
 
-    def _forward(self, requests: list[Request], prefill: bool) -> list[Request]:
-        """One batched forward: a padded prefill of whole sequences, or one new token per request."""
+    def _run(self, requests: list[Request], prefill: bool) -> list[tuple[int | Exception, tuple | None]]:
+        """One batched forward and the sampling of every row: (token or the row's error, logprobs).
+        A forward that raises runs again one request at a time; only a request that fails alone
+        gets the error (KV writes are idempotent: the retry writes the same values at the same slots)."""
+        try:
+            logits = self._logits(requests, prefill)  # (B, V)
+        except Exception as exc:  # noqa: BLE001 - whose fault is it? ask each request alone
+            if len(requests) == 1:
+                return [(exc, None)]
+            return [self._run([r], prefill)[0] for r in requests]
+        return self._sample(requests, logits)
+
+    def _logits(self, requests: list[Request], prefill: bool) -> torch.Tensor:
+        """The next-token logits (B, V): a padded prefill of whole sequences, or one new token per request."""
         if prefill:  # prompt + any output kept from a preemption (recomputed)
             tokens, _, input_pos = pad_batch([r.prompt_ids + r.output_ids for r in requests], self.pad_id, self.device)
         else:  # feed each request's newest token at its own position
@@ -158,14 +184,39 @@ class ContinuousBatchEngine:
             input_pos = torch.tensor([[r.num_tokens - 1] for r in requests], device=self.device)  # (B, 1)
         self.cache.bind([self.blocks.block_tables[r.request_id] for r in requests])
         with torch.inference_mode():
-            logits = self.model(tokens, input_pos, kv_cache=self.cache)[:, -1, :]  # (B, V)
-            next_ids = sample_rows(logits, [r.sampling for r in requests], [r.generator for r in requests]).tolist()
+            return self.model(tokens, input_pos, kv_cache=self.cache)[:, -1, :]  # (B, V)
+
+    def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[tuple[int | Exception, tuple | None]]:
+        """Penalties on the rows that ask for them, one draw per row, logprobs from the raw logits."""
+        penalized = logits
+        if any(r.presence_penalty or r.frequency_penalty for r in requests):
+            penalized = logits.clone()
+            for i, r in enumerate(requests):
+                penalized[i] = apply_penalties(logits[i], r.output_ids, r.presence_penalty, r.frequency_penalty)
+        tokens = sample_each_row(penalized, [r.sampling for r in requests], [r.generator for r in requests])
+        out = []
+        for i, (r, token) in enumerate(zip(requests, tokens)):
+            lp = None
+            if r.logprobs is not None and not isinstance(token, Exception):
+                lp = token_logprobs(logits[i:i + 1], torch.tensor([token], device=logits.device), r.logprobs)[0]
+            out.append((token, lp))
         synchronize(self.device)
+        return out
+
+    def _postprocess(self, requests: list[Request], results: list[tuple[int | Exception, tuple | None]]) -> list[Request]:
+        """Append each request's token; retire the finished and the failed at once (their blocks go
+        back to the free list now, not at the end of a batch); return them."""
         now = time.perf_counter()
         done = []
-        for r, token in zip(requests, next_ids):
+        for r, (token, logprobs) in zip(requests, results):
+            if isinstance(token, Exception):
+                self.scheduler.fail(r, f"{type(token).__name__}: {token}")
+                done.append(r)
+                continue
+            if logprobs is not None:
+                r.output_logprobs.append(logprobs)
             if r.append_token(token, now):
-                self.scheduler.finish(r)  # blocks back to the free list now, not at the end of a batch
+                self.scheduler.finish(r)
                 done.append(r)
         return done
 

@@ -101,6 +101,26 @@ def sample_rows(logits: torch.Tensor, samplings: Sequence[SamplingConfig],
                       for i, (s, g) in enumerate(zip(samplings, generators))])
 
 
+def sample_each_row(logits: torch.Tensor, samplings: Sequence[SamplingConfig],
+                    generators: Sequence[torch.Generator | None]) -> list[int | Exception]:
+    """sample_rows with each row's failure kept to itself: a row whose logits are not finite (a
+    numerical fault in its forward) or whose draw raises gets an Exception in its place; the others
+    get their tokens exactly as sample_rows would draw them (each generator is used once, in order)."""
+    finite = torch.isfinite(logits).all(dim=-1).tolist()  # (B,): one reduction, no per-row sync
+    if all(finite) and all(s.greedy for s in samplings):
+        return logits.argmax(dim=-1).tolist()
+    out: list[int | Exception] = []
+    for i, (s, g) in enumerate(zip(samplings, generators)):
+        if not finite[i]:
+            out.append(FloatingPointError("the model's logits for this request are not finite (inf or NaN)"))
+            continue
+        try:
+            out.append(int(sample_next_token(logits[i:i + 1], s, g)))
+        except Exception as exc:  # noqa: BLE001 - whatever one row raises is that row's error
+            out.append(exc)
+    return out
+
+
 class StaticBatch:
     """B requests run together to the end of the longest: step() prefills all prompts at once,
     then each later step() decodes one token for every row (finished rows ride along, idle)."""

@@ -15,7 +15,12 @@ so speculation runs only while the engine holds a single request. A request that
 idle engine decodes speculatively; when a second one arrives, the first joins the continuous batch
 the way a preempted request comes back (its prompt and output so far are prefilled into paged
 blocks) and from then on every request decodes batched. Greedy output does not change: both paths
-emit the target's argmax at every position.
+emit the target's argmax at every position. Requests that need the logits themselves (logprobs,
+presence/frequency penalties) always take the batch lane, whose step computes them.
+
+A failure stays with its request: a solo request whose stream raises ends with finish_reason
+"error" (and Request.error), the batch engine retires only the requests that fail alone, and a
+step that raises anyway leaves no finished request behind in the engine's books.
 """
 
 from __future__ import annotations
@@ -89,7 +94,8 @@ class StepOutput:
     request: Request
     new_tokens: tuple[int, ...]
     finished: bool
-    finish_reason: str | None  # "stop", "length" (or "abort"), once finished
+    finish_reason: str | None  # "stop", "length", "error" (request.error says why) or "abort", once finished
+    logprobs: tuple = ()  # per new token (logprob, [(id, logprob)]) when the request asked for logprobs
 
 
 class Engine:
@@ -120,7 +126,7 @@ class Engine:
         self._spec: SpecStats | None = None
         self.in_batch: dict[int, Request] = {}  # request id -> request, for those in the batch lane
         self.history: list[StepRecord] = []  # one record per step, as the batch engines keep
-        self.counters = {"steps": 0, "finished": 0, "aborted": 0, "rejected": 0, "output_tokens": 0,
+        self.counters = {"steps": 0, "finished": 0, "failed": 0, "aborted": 0, "rejected": 0, "output_tokens": 0,
                          "joined_batch": 0, "spec_target_calls": 0, "spec_proposed": 0, "spec_accepted": 0}
 
     @classmethod
@@ -146,12 +152,12 @@ class Engine:
             raise ValueError(f"request {request.request_id} was already used (status {request.status.value})")
         if request.arrival_time is None:
             request.arrival_time = time.perf_counter()
-        reason = rejection_reason(request, self.max_model_len, self.batch.blocks if self.batch else None)
+        reason = self.refusal(request)
         if reason is not None:
             request.status, request.finish_reason = RequestStatus.REJECTED, f"rejected: {reason}"
             self.counters["rejected"] += 1
             return False
-        if self.batch is None or (self.config.speculative and self._idle()):
+        if self.batch is None or (self.config.speculative and self._idle() and not request.needs_logits):
             self.solo_queue.append(request)  # one at a time; with batching, only at an idle engine
             return True
         if self.current is not None or self.solo_queue:  # a second request: speculation ends here
@@ -160,6 +166,14 @@ class Engine:
             return False
         self.in_batch[request.request_id] = request
         return True
+
+    def refusal(self, request: Request) -> str | None:
+        """Why this engine can never serve the request (None if it can); reads no changing state."""
+        reason = rejection_reason(request, self.max_model_len, self.batch.blocks if self.batch else None)
+        if reason is None and request.needs_logits and self.batch is None:
+            reason = "logprobs and presence/frequency penalties need the batching engine (this one runs " \
+                     f"{self.config.label})"
+        return reason
 
     def abort(self, request: Request) -> bool:
         """Stop a request now (a client went away) and free its slot and KV blocks; False if already done."""
@@ -176,6 +190,21 @@ class Engine:
         request.status, request.finish_reason = RequestStatus.FINISHED, "abort"
         self.counters["aborted"] += 1
         return True
+
+    def abort_all(self) -> list[Request]:
+        """Drop every request (after a step that raised): free every slot and KV block; return them."""
+        dropped = [r for r in [self.current, *self.solo_queue, *self.in_batch.values()] if r is not None and not r.is_done]
+        if self._stream is not None:
+            self._close_solo()
+        self.current = None
+        self.solo_queue.clear()
+        self.in_batch.clear()
+        if self.batch is not None:
+            self.batch.scheduler.abort_all()
+        for r in dropped:
+            r.status, r.finish_reason = RequestStatus.FINISHED, "abort"
+        self.counters["aborted"] += len(dropped)
+        return dropped
 
     def has_unfinished(self) -> bool:
         """True while a request waits or runs."""
@@ -198,7 +227,7 @@ class Engine:
             out = []
         for o in out:
             self.counters["output_tokens"] += len(o.new_tokens)
-            self.counters["finished"] += o.finished
+            self.counters["failed" if o.finish_reason == "error" else "finished"] += o.finished
         return out
 
     def _start_solo(self, r: Request) -> None:
@@ -217,17 +246,24 @@ class Engine:
         self.current = r
 
     def _solo_step(self) -> list[StepOutput]:
-        if self.current is None:
-            self._start_solo(self.solo_queue.popleft())
-        r, new = self.current, []
+        r, new = self.current or self.solo_queue[0], []
         prefill_tokens = 0 if r.output_ids else len(r.prompt_ids)  # the first call runs the prefill
-        while True:
-            token, when = next(self._stream)
-            new.append(token)
-            done = r.append_token(token, when)
-            # One target call emits up to gamma + 1 tokens at once: take every one already computed.
-            if done or self._spec is None or len(r.output_ids) >= self._spec.new_tokens:
-                break
+        try:
+            if self.current is None:
+                self._start_solo(self.solo_queue.popleft())
+            while True:
+                token, when = next(self._stream)  # StopIteration too means the stream broke its promise
+                new.append(token)
+                done = r.append_token(token, when)
+                # One target call emits up to gamma + 1 tokens at once: take every one already computed.
+                if done or self._spec is None or len(r.output_ids) >= self._spec.new_tokens:
+                    break
+        except Exception as exc:  # noqa: BLE001 - the solo request's own failure: it ends, the engine goes on
+            if self.current is r:
+                self._close_solo()
+            r.status, r.finish_reason, r.error = RequestStatus.FINISHED, "error", f"{type(exc).__name__}: {exc}"
+            self.history.append(StepRecord(time.perf_counter(), len(self.solo_queue), 0, 0, 0, len(new)))
+            return [StepOutput(r, tuple(new), True, "error")]
         if done:
             self._finish_solo(r)
         self.history.append(StepRecord(time.perf_counter(), len(self.solo_queue), int(not done),
@@ -240,7 +276,8 @@ class Engine:
 
     def _close_solo(self) -> None:
         """End the solo lane's stream (its contiguous KV cache goes with it); keep its speculation counts."""
-        self._stream.close()
+        if self._stream is not None:
+            self._stream.close()
         if self._spec is not None:
             self.counters["spec_target_calls"] += self._spec.target_calls
             self.counters["spec_proposed"] += sum(self._spec.proposed)
@@ -263,14 +300,17 @@ class Engine:
 
     def _batch_step(self) -> list[StepOutput]:
         before = {rid: len(r.output_ids) for rid, r in self.in_batch.items()}
-        finished = set(map(id, self.batch.step()))
-        out = []
-        for rid, n in before.items():
-            r = self.in_batch[rid]
-            if len(r.output_ids) > n or id(r) in finished:
-                out.append(StepOutput(r, tuple(r.output_ids[n:]), id(r) in finished, r.finish_reason))
-            if id(r) in finished:
-                del self.in_batch[rid]
+        try:
+            self.batch.step()
+        finally:  # even if the step raised: a request it finished must not stay in_batch (abort refuses
+            out = []  # done requests, so it would never leave, and has_unfinished() would stay True)
+            for rid, n in before.items():
+                r = self.in_batch[rid]
+                if len(r.output_ids) > n or r.is_done:
+                    out.append(StepOutput(r, tuple(r.output_ids[n:]), r.is_done, r.finish_reason,
+                                          tuple(r.output_logprobs[n:]) if r.logprobs is not None else ()))
+                if r.is_done:
+                    del self.in_batch[rid]
         self.history.append(self.batch.history[-1])
         return out
 

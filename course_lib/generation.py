@@ -14,19 +14,23 @@ from course_lib.env import synchronize
 # Top-p compares a running sum of probabilities with p. Float rounding puts that sum a few ulps
 # either side of the exact value, so "the mass reaches p" is read with this much slack.
 TOP_P_TOLERANCE = 1e-6
+# Below this temperature sampling is greedy (vLLM's _SAMPLING_EPS): dividing by it could overflow
+# fp32 (1e-40 is subnormal; below ~1e-45 it rounds to 0 and gives 0/0), and the distribution it
+# would sample from is one-hot to float precision anyway.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
     """How the next token is chosen from the logits (the knobs every inference API exposes)."""
 
-    temperature: float = 0.0  # 0 means greedy (argmax); >0 divides the logits before softmax
+    temperature: float = 0.0  # 0 (or below GREEDY_BELOW) means greedy (argmax); >0 divides the logits
     top_k: int | None = None  # keep only the k most likely tokens (None: keep all)
     top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches top_p
     min_p: float = 0.0  # keep tokens with probability >= min_p * (probability of the top token)
 
     def __post_init__(self):
-        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
+        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < math.inf):
             raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature!r}")
         if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
                                        or self.top_k < 1):
@@ -38,8 +42,8 @@ class SamplingConfig:
 
     @property
     def greedy(self) -> bool:
-        """True when the next token is simply the argmax of the logits."""
-        return self.temperature == 0
+        """True when the next token is simply the argmax of the logits (temperature below GREEDY_BELOW)."""
+        return self.temperature < GREEDY_BELOW
 
 
 def forward_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -49,10 +53,11 @@ def forward_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Ten
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Divide logits by the temperature (<1 sharpens, >1 flattens); 0 leaves them for argmax."""
+    """Divide logits by the temperature (<1 sharpens, >1 flattens); below GREEDY_BELOW (0 included)
+    leaves them for argmax, since dividing by a tiny temperature overflows."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature!r}")
-    if temperature == 0 or temperature == 1:
+    if temperature < GREEDY_BELOW or temperature == 1:
         return logits
     return logits / temperature
 
@@ -78,8 +83,10 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the tokens ranked above
     # The one rule: a token stays while the tokens above it have not yet reached p. The top token
-    # always stays (nothing is above it), and the set stops at the first token that reaches p.
+    # always stays (nothing is above it; for p below the tolerance the comparison alone would drop
+    # it and leave nothing to sample), and the set stops at the first token that reaches p.
     keep_sorted = mass_before < p - TOP_P_TOLERANCE
+    keep_sorted[..., 0] = True
     keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
     return logits.masked_fill(~keep, float("-inf"))
 
@@ -96,7 +103,8 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
 
 
 def filter_logits(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p (the order transformers and vLLM use)."""
+    """Temperature, then top-k, top-p and min-p (the order transformers and vLLM use). Every filter
+    keeps the most likely token, so at least one logit per row stays finite."""
     logits = apply_temperature(logits.float(), sampling.temperature)
     logits = top_k_filter(logits, sampling.top_k)
     logits = top_p_filter(logits, sampling.top_p)
@@ -115,6 +123,27 @@ def sample_next_token(logits: torch.Tensor, sampling: SamplingConfig,
         # Draw where the generator lives: a CPU generator then gives the same tokens on any device.
         return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(logits.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+
+
+def apply_penalties(logits: torch.Tensor, output_ids: list[int], presence: float = 0.0,
+                    frequency: float = 0.0) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties on one row of logits (V,): every token already in
+    the output loses `presence` once and `frequency` per occurrence (negative values encourage)."""
+    if not output_ids or (presence == 0 and frequency == 0):
+        return logits
+    counts = torch.bincount(torch.tensor(output_ids, device=logits.device), minlength=logits.shape[-1])  # (V,)
+    return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts.to(logits.dtype)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int = 0) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Per row of (B, V) logits: the chosen token's log-probability under the model's own
+    distribution (softmax of the raw logits), and the `top` most likely (token, log-probability)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
+    chosen = logprobs.gather(-1, tokens.view(-1, 1)).squeeze(-1).tolist()  # (B,)
+    if top < 1:
+        return [(c, []) for c in chosen]
+    values, ids = logprobs.topk(top, dim=-1)  # (B, top)
+    return [(c, list(zip(i, v))) for c, i, v in zip(chosen, ids.tolist(), values.tolist())]
 
 
 def _check_generation_args(input_ids: torch.Tensor, max_new_tokens: int) -> None:

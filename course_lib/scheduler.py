@@ -45,13 +45,18 @@ class Request:
     stop_ids: frozenset[int] = frozenset()
     seed: int | None = None  # seeds this request's own generator (sampled output then does not depend on batching)
     arrival_time: float | None = None  # time.perf_counter() when it arrived (TTFT counts from here)
+    presence_penalty: float = 0.0  # OpenAI's penalties (generation.apply_penalties); batch lane only
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-probability and the top k
     request_id: int = field(default_factory=lambda: next(_request_ids))
     # state, changed by the engine
     status: RequestStatus = RequestStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
     token_times: list[float] = field(default_factory=list)  # time.perf_counter() of each output token
-    finish_reason: str | None = None  # "stop", "length", "abort" or "rejected: <why>"
+    finish_reason: str | None = None  # "stop", "length", "abort", "error" or "rejected: <why>"
     num_preemptions: int = 0
+    output_logprobs: list = field(default_factory=list)  # per output token: (logprob, [(id, logprob)]) if asked
+    error: str | None = None  # why the engine failed this request (finish_reason "error")
 
     def __post_init__(self):
         self.prompt_ids = [int(t) for t in self.prompt_ids]
@@ -67,6 +72,11 @@ class Request:
     def max_positions(self) -> int:
         """KV positions at full length: prompt + max_new_tokens - 1 (the last token is never fed back)."""
         return len(self.prompt_ids) + self.max_new_tokens - 1
+
+    @property
+    def needs_logits(self) -> bool:
+        """True when the engine must see this request's logits (penalties, logprobs): batch lane only."""
+        return self.logprobs is not None or self.presence_penalty != 0 or self.frequency_penalty != 0
 
     @property
     def is_done(self) -> bool:
@@ -202,6 +212,18 @@ class Scheduler:
             raise ValueError(f"request {request.request_id} is already scheduled")
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
+
+    def fail(self, request: Request, error: str) -> None:
+        """Retire a running request whose own forward or sampling failed (finish_reason "error")."""
+        request.finish_reason, request.error = "error", error
+        self.finish(request)
+
+    def abort_all(self) -> list[Request]:
+        """Drop every waiting and running request and free all their blocks; return them."""
+        dropped = list(self.waiting) + list(self.running)
+        for request in dropped:
+            self.abort(request)
+        return dropped
 
     def finish(self, request: Request) -> None:
         """Retire a running request at once: free its blocks and its slot."""

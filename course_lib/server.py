@@ -4,9 +4,13 @@
 
 Endpoints: POST /v1/chat/completions and /v1/completions (streamed as server-sent events with
 "stream": true), GET /v1/models, GET /health, and GET /engine/stats (the engine's slots, KV blocks
-and counters; not part of the OpenAI API). Errors are JSON in OpenAI's shape,
-{"error": {"message", "type", "param", "code"}}: 400 for malformed JSON, missing or invalid fields
-and max_tokens beyond the context, 404 for an unknown model or path.
+and counters; not part of the OpenAI API). What a request may ask, and the error shape, are in
+course_lib.protocol. Status codes: 400 for malformed JSON, missing, invalid, unknown or unsupported
+fields (named in the error); 404 for an unknown model or path; 413 for a body over
+--max-request-bytes; 429 with Retry-After when --max-waiting requests already wait for a slot;
+500 when the engine failed on this request (only this one); 503 when the engine has stopped
+(/health says why); 504 past the per-request deadline (--request-timeout). Errors of requests the
+same input would fail again carry `x-should-retry: false`, which the openai client obeys.
 
 Threads: the engine is not thread-safe, so one background thread owns it (EngineLoop) and runs
 step() while there is work. Request handlers run on the web server's event loop; they hand
@@ -14,6 +18,11 @@ requests to the engine thread through a queue and get their tokens back through 
 asyncio queue, filled from the engine thread with call_soon_threadsafe. Many requests in flight
 at once are therefore batched by the engine like any other. A client that disconnects cancels
 its handler, which aborts its request: its slot and KV blocks are freed at the next step.
+
+Surviving its users: a request's own failure ends only that request (course_lib.engine); a step
+that raises anyway fails the requests in flight and resets the engine; an engine thread that dies
+fails every waiting handler with a 503 and refuses new requests, so nothing waits forever; and
+the engine thread drops any request past its deadline, even one whose client never reads.
 """
 
 from __future__ import annotations
@@ -29,35 +38,75 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Literal
+from dataclasses import dataclass, replace
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HTTPRequest
 
 from course_lib.engine import Engine, EngineConfig, StepOutput
 from course_lib.generation import SamplingConfig, chat_input_ids, stop_token_ids
-from course_lib.scheduler import Request, rejection_reason
+from course_lib.protocol import (MAX_TOP_LOGPROBS, APIError, ChatParams, CompletionParams, TextStream, _Params,
+                                 chat_logprobs, completion_logprobs, unknown_parameters, validation_error)
+from course_lib.scheduler import Request
+
+__all__ = ["EngineLoop", "ServerLimits", "TextStream", "create_app", "serve_in_background", "BackgroundServer", "main"]
 
 DEFAULT_MAX_TOKENS = 256  # when a request gives no max_tokens (capped by what the context leaves)
 HISTORY_KEPT = 4096  # engine step records kept while serving (the latest, for plots)
+NO_PROGRESS_STEPS = 1000  # steps in a row without a token: the engine is stuck, fail what it holds
+RETRY_AFTER_S = 1  # what a 429 tells the client to wait
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one client may ask of the server; the defaults suit a laptop serving a small model."""
+
+    max_tokens: int | None = None  # largest max_tokens a request may ask (None: what the context leaves)
+    max_waiting: int = 32  # requests queued for a slot beyond the engine's own; more get 429
+    request_timeout_s: float = 300.0  # per-request deadline, queueing included (0: none)
+    max_stop_strings: int = 4  # OpenAI's limit
+    max_stop_length: int = 64  # characters per stop string (the stream holds back that many - 1)
+    max_request_bytes: int = 1 << 20  # request body; more gets 413
+
+    def __post_init__(self):
+        if self.max_waiting < 0 or self.request_timeout_s < 0 or min(self.max_stop_strings, self.max_stop_length,
+                                                                     self.max_request_bytes) < 0:
+            raise ValueError(f"server limits must be >= 0: {self}")
+
+
+class EngineStopped(RuntimeError):
+    """The engine thread is not running (it died, or the server is stopping): answered with 503."""
+
+
+class QueueFull(RuntimeError):
+    """Too many requests wait already: answered with 429 and Retry-After."""
+
+
+class DeadlineExceeded(RuntimeError):
+    """The request ran past its deadline: answered with 504."""
 
 
 # ---- the engine thread ---------------------------------------------------------------------------------
 
 class EngineLoop:
     """Owns the engine in one background thread: submit/abort/call from any thread, tokens out
-    through a callback (`sink`) per request, called from the engine thread."""
+    through a callback (`sink`) per request, called from the engine thread. At most `max_in_flight`
+    requests are held at once (running or waiting); each is dropped at its deadline."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, max_in_flight: int | None = None):
         self.engine = engine
+        self.max_in_flight = max_in_flight
         self.inbox: queue.Queue = queue.Queue()
-        self.sinks: dict[int, tuple[Request, Callable]] = {}  # request id -> (request, sink)
+        self.sinks: dict[int, tuple[Request, Callable, float]] = {}  # request id -> (request, sink, deadline)
         self.thread: threading.Thread | None = None
-        self.error: BaseException | None = None  # the last exception a step raised
+        self.error: str | None = None  # the last exception a step raised
+        self.stopped_because: str | None = None  # why the thread ended (None while it runs)
+        self.in_flight = 0  # submitted and not yet finished, aborted or failed (guarded by _lock)
+        self._lock = threading.Lock()
+        self._closed = False
 
     def start(self) -> None:
         """Start the engine thread."""
@@ -72,11 +121,20 @@ class EngineLoop:
 
     @property
     def alive(self) -> bool:
-        return self.thread is not None and self.thread.is_alive()
+        return self.thread is not None and self.thread.is_alive() and not self._closed
 
-    def submit(self, request: Request, sink: Callable[[StepOutput | Exception], None]) -> None:
-        """Queue a request; sink receives each StepOutput, or an Exception if it cannot be served."""
-        self.inbox.put(("submit", request, sink))
+    def submit(self, request: Request, sink: Callable[[StepOutput | Exception], None],
+               timeout_s: float | None = None) -> None:
+        """Queue a request; sink receives each StepOutput, or an Exception if it cannot be served.
+        Raises EngineStopped or QueueFull at once instead of queueing what would never be served."""
+        deadline = time.monotonic() + timeout_s if timeout_s else float("inf")
+        with self._lock:
+            if self._closed or self.thread is None:
+                raise EngineStopped(self.stopped_because or "the engine thread is not running")
+            if self.max_in_flight is not None and self.in_flight >= self.max_in_flight:
+                raise QueueFull(f"{self.in_flight} requests are in flight already (the server's limit)")
+            self.in_flight += 1
+            self.inbox.put(("submit", request, (sink, deadline)))
 
     def abort(self, request: Request) -> None:
         """Ask the engine thread to drop a request and free its slot and blocks."""
@@ -85,10 +143,27 @@ class EngineLoop:
     def call(self, fn: Callable) -> concurrent.futures.Future:
         """Run fn() in the engine thread between steps (to read engine state safely)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self.inbox.put(("call", fn, future))
+        with self._lock:
+            if self._closed:
+                future.set_exception(EngineStopped(self.stopped_because))
+            else:
+                self.inbox.put(("call", fn, future))
         return future
 
+    # -- inside the engine thread --
+
     def _run(self) -> None:
+        """The supervisor: whatever ends the loop, every handler still waiting is told why."""
+        reason = "the server is shutting down"
+        try:
+            self._serve()
+        except BaseException as exc:  # noqa: BLE001 - a dying thread must still answer its handlers
+            reason = f"the engine thread died: {type(exc).__name__}: {exc}"
+        finally:
+            self._close(reason)
+
+    def _serve(self) -> None:
+        idle_steps = 0
         while True:
             block = not self.engine.has_unfinished()  # idle: sleep until something arrives
             try:
@@ -96,41 +171,66 @@ class EngineLoop:
                     item = self.inbox.get(block=block)
                     block = False
                     if item is None:
-                        self._fail_all(RuntimeError("the server is shutting down"))
                         return
                     self._handle(*item)
             except queue.Empty:
                 pass
+            self._expire()
             if not self.engine.has_unfinished():
                 continue
             try:
                 outputs = self.engine.step()
-            except Exception as exc:  # a bad step must not take the server down with it
-                self.error = exc
+                idle_steps = 0 if any(o.new_tokens or o.finished for o in outputs) else idle_steps + 1
+                if idle_steps >= NO_PROGRESS_STEPS:
+                    raise RuntimeError(f"no request made progress in {NO_PROGRESS_STEPS} steps")
+            except Exception as exc:  # noqa: BLE001 - a bad step must not take the server down with it
+                self.error = f"{type(exc).__name__}: {exc}"
                 self._fail_all(exc)
+                self.engine.abort_all()
+                if self.engine.has_unfinished():
+                    raise RuntimeError(f"the engine could not be reset after a failed step ({self.error})") from exc
+                idle_steps = 0
                 continue
             for out in outputs:
-                request, sink = self.sinks.get(out.request.request_id, (None, None))
+                entry = self.sinks.get(out.request.request_id)
                 if out.finished:
-                    self.sinks.pop(out.request.request_id, None)
-                if sink is not None:
-                    _deliver(sink, out)
+                    self._release(out.request.request_id)
+                if entry is not None:
+                    _deliver(entry[1], out)
             self._trim()
 
     def _handle(self, kind: str, obj, arg) -> None:
         if kind == "submit":
+            sink, deadline = arg
             if self.engine.add_request(obj):
-                self.sinks[obj.request_id] = (obj, arg)
+                self.sinks[obj.request_id] = (obj, sink, deadline)
             else:
-                _deliver(arg, ValueError(obj.finish_reason))
+                self._release(None)
+                _deliver(sink, ValueError(obj.finish_reason))
         elif kind == "abort":
-            self.sinks.pop(obj.request_id, None)
-            self.engine.abort(obj)
+            if self._release(obj.request_id):
+                self.engine.abort(obj)
         elif kind == "call":
             try:
                 arg.set_result(obj())
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the caller gets it
                 arg.set_exception(exc)
+
+    def _release(self, request_id: int | None) -> bool:
+        """Forget a request's sink (None: one never registered); True if it was held."""
+        if request_id is not None and self.sinks.pop(request_id, None) is None:
+            return False
+        with self._lock:
+            self.in_flight -= 1
+        return True
+
+    def _expire(self) -> None:
+        """Drop the requests past their deadline (their handler may be gone: nobody else would)."""
+        now = time.monotonic()
+        for request, sink, deadline in [e for e in self.sinks.values() if e[2] < now]:
+            self._release(request.request_id)
+            self.engine.abort(request)
+            _deliver(sink, DeadlineExceeded("the request did not finish within the server's deadline"))
 
     def _trim(self) -> None:
         """A server runs for days: keep the engine's step records and finished lists bounded."""
@@ -142,10 +242,28 @@ class EngineLoop:
                 del r[:-HISTORY_KEPT]
 
     def _fail_all(self, exc: BaseException) -> None:
-        for request, sink in list(self.sinks.values()):
+        for request, sink, _ in list(self.sinks.values()):
+            self._release(request.request_id)
             self.engine.abort(request)
             _deliver(sink, exc)
-        self.sinks.clear()
+
+    def _close(self, reason: str) -> None:
+        with self._lock:
+            self._closed, self.stopped_because = True, reason
+        stopped = EngineStopped(reason)
+        while True:  # what arrived after the last look, and can no longer be served
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None and item[0] == "submit":
+                self._release(None)
+                _deliver(item[2][0], stopped)
+            elif item is not None and item[0] == "call":
+                item[2].set_exception(stopped)
+        self._fail_all(stopped)
+        with contextlib.suppress(Exception):
+            self.engine.abort_all()
 
 
 def _deliver(sink: Callable, item) -> None:
@@ -155,164 +273,123 @@ def _deliver(sink: Callable, item) -> None:
         pass
 
 
-# ---- text out: detokenizing a stream -----------------------------------------------------------
+# ---- one request's way through the server -------------------------------------------------------------
 
-class TextStream:
-    """Turns token ids into text pieces as they arrive. A piece is held back while the text ends in
-    an incomplete UTF-8 character (decoded as U+FFFD) or could be the start of a stop string."""
+NO_RETRY = {"x-should-retry": "false"}  # the same request would fail the same way
 
-    def __init__(self, tokenizer, stop: list[str] = ()):
-        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
-        self.ids: list[int] = []
-        self.sent = ""  # text already handed out
-        self.stopped = False  # a stop string was found: the text ends before it
-
-    def add(self, tokens: list[int], final: bool = False) -> str:
-        """Append tokens; return the new text that is safe to send (all of it when final)."""
-        self.ids += tokens
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        hits = [i for i in (text.find(s, max(0, len(self.sent) - len(s) + 1)) for s in self.stop) if i >= 0]
-        if hits:
-            text, final, self.stopped = text[:min(hits)], True, True
-        if not final:
-            if text.endswith("\ufffd"):
-                return ""
-            hold = max((len(s) - 1 for s in self.stop), default=0)
-            text = text[:len(text) - hold] if hold else text
-        if not text.startswith(self.sent):  # decoding changed earlier text: send nothing more mid-stream
-            return ""
-        piece, self.sent = text[len(self.sent):], text
-        return piece
-
-
-# ---- requests in: parameters and errors ----------------------------------------------------------
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class _Params(BaseModel):
-    """Fields common to both endpoints; unknown fields are accepted and ignored (clients send many)."""
-
-    model_config = ConfigDict(extra="allow")
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
-    temperature: float = Field(1.0, ge=0, le=2)  # OpenAI's default: sampled
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int | None = Field(None, ge=1)  # vLLM's extension
-    min_p: float = Field(0.0, ge=0, lt=1)  # vLLM's extension
-    seed: int | None = None
-    n: int = Field(1, ge=1, le=1)  # one choice per request
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    ignore_eos: bool = False  # vLLM's extension: generate max_tokens even past the end of the answer (load tests)
-
-
-class ContentPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class Message(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
-
-
-class ChatParams(_Params):
-    messages: list[Message] = Field(min_length=1)
-
-
-class CompletionParams(_Params):
-    prompt: str | list[str] | list[int]
-
-
-class APIError(Exception):
-    """An error answered as {"error": {...}} with an HTTP status."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
-
-
-def _validation_error(exc: RequestValidationError) -> APIError:
-    first = exc.errors()[0] if exc.errors() else {}
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-    if first.get("type") == "json_invalid":
-        return APIError(400, f"malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}")
-    where = ".".join(loc) or "body"
-    return APIError(400, f"{where}: {first.get('msg', 'invalid request')}", param=where)
-
-
-# ---- the app ---------------------------------------------------------------------------------------
 
 class Completion:
     """One request's way through the server: prompt ids -> engine -> text -> OpenAI's JSON or events."""
 
     def __init__(self, app_state, params: _Params, prompt_ids: list[int], kind: str):
         engine: Engine = app_state.engine
-        self.params, self.kind, self.loop = params, kind, app_state.loop
+        limits: ServerLimits = app_state.limits
+        self.params, self.kind, self.loop, self.limits = params, kind, app_state.loop, limits
+        self.tokenizer = app_state.tokenizer
         self.prompt_tokens = n = len(prompt_ids)
-        allowed = min(engine.max_model_len - n + 1, app_state.max_tokens_limit)  # prompt + new - 1 <= context
+        prompt_param = "messages" if kind == "chat" else "prompt"
+        max_tokens_limit = limits.max_tokens or engine.max_model_len
+        allowed = min(engine.max_model_len - n + 1, max_tokens_limit)  # prompt + new - 1 <= context
         if allowed < 1:
             raise APIError(400, f"the prompt has {n} tokens; this model's context is {engine.max_model_len} tokens",
-                           param="messages" if kind == "chat" else "prompt", code="context_length_exceeded")
+                           param=prompt_param, code="context_length_exceeded")
         asked = params.max_completion_tokens or params.max_tokens
         if asked is not None and asked > allowed:
             raise APIError(400, f"max_tokens={asked} is too large: at most {allowed} for this {n}-token prompt "
-                                f"(context {engine.max_model_len} tokens, server limit {app_state.max_tokens_limit})",
+                                f"(context {engine.max_model_len} tokens, server limit {max_tokens_limit})",
                            param="max_tokens", code="context_length_exceeded")
+        stop = params.stop_strings
+        if len(stop) > limits.max_stop_strings:
+            raise APIError(400, f"{len(stop)} stop strings: this server takes at most {limits.max_stop_strings}",
+                           param="stop")
+        if any(len(s) > limits.max_stop_length for s in stop):
+            raise APIError(400, f"a stop string is longer than {limits.max_stop_length} characters", param="stop")
+        if params.num_logprobs is not None and params.num_logprobs > MAX_TOP_LOGPROBS[kind]:
+            raise APIError(400, f"at most {MAX_TOP_LOGPROBS[kind]} top logprobs", param="logprobs")
         try:
             sampling = SamplingConfig(params.temperature, params.top_k, params.top_p, params.min_p)
         except ValueError as exc:
             raise APIError(400, str(exc)) from exc
         stop_ids = () if params.ignore_eos else app_state.stop_ids
-        self.request = Request(prompt_ids, asked or min(DEFAULT_MAX_TOKENS, allowed), sampling, stop_ids, params.seed)
-        reason = rejection_reason(self.request, engine.max_model_len, engine.batch.blocks if engine.batch else None)
+        self.request = Request(prompt_ids, asked or min(DEFAULT_MAX_TOKENS, allowed), sampling, stop_ids, params.seed,
+                               presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+                               logprobs=params.num_logprobs)
+        reason = engine.refusal(self.request)
         if reason is not None:  # the engine thread would refuse it: say so now, before any event is sent
-            raise APIError(400, reason, param="max_tokens")
-        self.text = TextStream(app_state.tokenizer, [params.stop] if isinstance(params.stop, str) else params.stop or [])
+            param = "logprobs" if "logprobs" in reason else "max_tokens"
+            raise APIError(400, reason, param=param)
+        self.text = TextStream(self.tokenizer, stop)
+        self.events_in: asyncio.Queue = asyncio.Queue()
         self.completion_tokens = 0
+        self.token_ids: list[int] = []
+        self.logprobs: list = []
         self.finish_reason: str | None = None
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
         self.head = {"id": prefix + uuid.uuid4().hex[:24], "object": "chat.completion" if kind == "chat" else
                      "text_completion", "created": int(time.time()), "model": app_state.model_id}
 
-    async def pieces(self) -> AsyncIterator[str]:
-        """Text pieces as the engine produces tokens; sets finish_reason and completion_tokens."""
-        events: asyncio.Queue = asyncio.Queue()
+    def submit(self) -> None:
+        """Hand the request to the engine thread now, before any response is sent (so a full queue or
+        a stopped engine is an HTTP status, not an error inside a stream)."""
         aio = asyncio.get_running_loop()
-        self.loop.submit(self.request, lambda item: aio.call_soon_threadsafe(events.put_nowait, item))
+        try:
+            self.loop.submit(self.request, lambda item: aio.call_soon_threadsafe(self.events_in.put_nowait, item),
+                             self.limits.request_timeout_s or None)
+        except QueueFull as exc:
+            raise APIError(429, f"the server is at capacity: {exc}; retry later", code="queue_full",
+                           kind="rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
+        except EngineStopped as exc:
+            raise APIError(503, f"the engine has stopped: {exc}", kind="server_error", code="engine_stopped",
+                           headers=NO_RETRY) from exc
+
+    async def pieces(self) -> AsyncIterator[tuple[str, list[int], list]]:
+        """(text, token ids, logprobs) as the engine produces tokens; sets finish_reason and
+        completion_tokens. Logprobs of tokens whose text is held back travel with the next text."""
+        # A backstop for an engine thread that hangs inside a step (its own deadline check cannot run).
+        timeout = self.limits.request_timeout_s + 5 if self.limits.request_timeout_s else None
+        ids, lps = [], []
         try:
             while self.finish_reason is None:
-                out = await events.get()
+                try:
+                    out = await asyncio.wait_for(self.events_in.get(), timeout)
+                except TimeoutError:
+                    out = DeadlineExceeded("the engine thread did not answer in time")
                 if isinstance(out, Exception):
-                    raise APIError(500, f"the engine failed: {out}", kind="server_error")
+                    raise _engine_error(out)
+                if out.finish_reason == "error":
+                    raise APIError(500, f"the engine failed on this request: {out.request.error}", kind="server_error",
+                                   code="engine_error", headers=NO_RETRY)
                 self.completion_tokens += len(out.new_tokens)
+                ids += out.new_tokens
+                lps += out.logprobs
                 piece = self.text.add(list(out.new_tokens), final=out.finished)
                 if out.finished or self.text.stopped:
                     self.finish_reason = "stop" if self.text.stopped else out.finish_reason
-                if piece:
-                    yield piece
-        finally:  # cancelled (the client left) or cut by a stop string: free the slot now
+                if piece or (ids and self.finish_reason is not None):
+                    self.token_ids += ids
+                    self.logprobs += lps
+                    yield piece, ids, lps
+                    ids, lps = [], []
+        finally:  # cancelled (the client left), failed or cut by a stop string: free the slot now
             if self.finish_reason is None or self.text.stopped:
                 self.loop.abort(self.request)
 
-    def choice(self, text: str | None, finish: str | None, first: bool = False) -> dict:
+    def _logprobs(self, ids: list[int], lps: list, offset: int = 0) -> dict | None:
+        if self.request.logprobs is None:
+            return None
+        if self.kind == "chat":
+            return {"content": chat_logprobs(self.tokenizer, lps, ids), "refusal": None}
+        return completion_logprobs(self.tokenizer, lps, ids, offset)
+
+    def choice(self, text: str | None, finish: str | None, first: bool = False, logprobs: dict | None = None) -> dict:
         """choices[0] of a response or of a streamed chunk."""
         if self.kind == "completion":
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         if not self.params.stream:
-            return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                     "finish_reason": finish}
         delta = ({"role": "assistant", "content": ""} if first else {}) | ({"content": text} if text else {})
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
@@ -321,7 +398,7 @@ class Completion:
     async def answer(self, http: HTTPRequest) -> dict | JSONResponse:
         """The whole answer as one JSON object; a client that hangs up first cancels the request."""
         async def collect() -> str:
-            return "".join([p async for p in self.pieces()])
+            return "".join([p async for p, _, _ in self.pieces()])
 
         async def until_disconnect() -> None:
             while (await http.receive())["type"] != "http.disconnect":
@@ -333,40 +410,95 @@ class Completion:
         if not work.done():
             work.cancel()  # raises CancelledError inside pieces(): it aborts the request
             return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
-        return {**self.head, "choices": [self.choice(work.result(), self.finish_reason)], "usage": self.usage()}
+        text = work.result()  # raises the APIError of a failed request
+        return {**self.head, "choices": [self.choice(text, self.finish_reason, logprobs=self._logprobs(
+            self.token_ids, self.logprobs))], "usage": self.usage()}
 
     async def events(self) -> AsyncIterator[str]:
         """The answer as server-sent events: a chunk per piece of text, the finish reason, usage
-        (if stream_options.include_usage), then [DONE]."""
+        (if stream_options.include_usage; in every chunk with continuous_usage_stats), then [DONE]."""
         head = {**self.head, "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion"}
+        options = self.params.stream_options
+        every = options is not None and options.continuous_usage_stats
 
         def event(payload: dict) -> str:
+            if every and payload.get("choices"):
+                payload["usage"] = self.usage()
             return f"data: {json.dumps(payload)}\n\n"
 
         if self.kind == "chat":
             yield event({**head, "choices": [self.choice(None, None, first=True)]})
+        offset = 0
         try:
-            async for piece in self.pieces():
-                yield event({**head, "choices": [self.choice(piece, None)]})
+            async for piece, ids, lps in self.pieces():
+                yield event({**head, "choices": [self.choice(piece, None, logprobs=self._logprobs(ids, lps, offset))]})
+                offset += len(piece)
         except APIError as exc:  # the 200 header is gone already: report in the stream
-            yield event({"error": {"message": exc.message, "type": exc.kind, "param": None, "code": None}})
+            yield event(exc.body())
             return
         yield event({**head, "choices": [self.choice(None, self.finish_reason)]})
-        if self.params.stream_options and self.params.stream_options.include_usage:
+        if options is not None and options.include_usage:
             yield event({**head, "choices": [], "usage": self.usage()})
         yield "data: [DONE]\n\n"
 
     async def respond(self, http: HTTPRequest):
+        self.submit()
         if not self.params.stream:
             return await self.answer(http)
         return StreamingResponse(self.events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-def create_app(engine: Engine, model_id: str | None = None, max_tokens_limit: int | None = None) -> FastAPI:
+def _engine_error(exc: Exception) -> APIError:
+    """The HTTP error for what the engine thread delivered instead of tokens."""
+    if isinstance(exc, EngineStopped):
+        return APIError(503, f"the engine has stopped: {exc}", kind="server_error", code="engine_stopped",
+                        headers=NO_RETRY)
+    if isinstance(exc, DeadlineExceeded):
+        return APIError(504, str(exc), kind="server_error", code="timeout")
+    if isinstance(exc, ValueError):  # refused by the engine at admission
+        return APIError(400, str(exc))
+    return APIError(500, f"the engine failed: {type(exc).__name__}: {exc}", kind="server_error", code="engine_error")
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over max_bytes gets 413 (declared or streamed in chunks)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = f"the request body is larger than this server's limit of {self.max_bytes} bytes"
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            response = APIError(413, too_large, code="request_too_large", headers=NO_RETRY).response()
+            return await response(scope, receive, send)
+        received = 0
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise HTTPException(413, too_large)  # FastAPI passes an HTTPException through as it is
+            return message
+
+        return await self.app(scope, limited, send)
+
+
+# ---- the app ---------------------------------------------------------------------------------------
+
+def create_app(engine: Engine, model_id: str | None = None, max_tokens_limit: int | None = None,
+               limits: ServerLimits | None = None) -> FastAPI:
     """The FastAPI app serving `engine` as model `model_id`; the engine thread runs while the app does."""
     if engine.tokenizer is None:
         raise ValueError("the engine has no tokenizer: a server turns text into tokens and back")
     model_id = model_id or (engine.info.name if engine.info is not None else "course-engine")
+    limits = limits or ServerLimits()
+    if max_tokens_limit is not None:
+        limits = replace(limits, max_tokens=max_tokens_limit)
+    slots = engine.config.max_batch if engine.batch is not None else 1
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -375,10 +507,11 @@ def create_app(engine: Engine, model_id: str | None = None, max_tokens_limit: in
         app.state.loop.stop()
 
     app = FastAPI(title="Inference Lab engine", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_request_bytes)
     app.state.engine, app.state.tokenizer, app.state.model_id = engine, engine.tokenizer, model_id
-    app.state.loop = EngineLoop(engine)
+    app.state.limits = limits
+    app.state.loop = EngineLoop(engine, max_in_flight=slots + limits.max_waiting)
     app.state.stop_ids = frozenset(stop_token_ids(engine.tokenizer))
-    app.state.max_tokens_limit = max_tokens_limit or engine.max_model_len
     created = int(time.time())
 
     @app.exception_handler(APIError)
@@ -387,11 +520,16 @@ def create_app(engine: Engine, model_id: str | None = None, max_tokens_limit: in
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_, exc: RequestValidationError):
-        return _validation_error(exc).response()
+        return validation_error(exc).response()
 
     @app.exception_handler(HTTPException)
     async def http_error(_, exc: HTTPException):
-        return APIError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None).response()
+        code = {404: "not_found", 413: "request_too_large"}.get(exc.status_code)
+        return APIError(exc.status_code, str(exc.detail), code=code).response()
+
+    @app.exception_handler(Exception)
+    async def server_error(_, exc: Exception):  # a bug: still an OpenAI-shaped answer, not plain text
+        return APIError(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error").response()
 
     def check_model(name: str) -> None:
         if name != model_id:
@@ -401,18 +539,20 @@ def create_app(engine: Engine, model_id: str | None = None, max_tokens_limit: in
     @app.post("/v1/chat/completions")
     async def chat_completions(params: ChatParams, http: HTTPRequest):
         check_model(params.model)
+        unknown_parameters(params)
         messages = [{"role": "system" if m.role == "developer" else m.role,
                      "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
                     for m in params.messages]
         try:
             prompt_ids = chat_input_ids(engine.tokenizer, messages)[0].tolist()
-        except ValueError as exc:
-            raise APIError(400, str(exc), param="messages") from exc
+        except Exception as exc:  # noqa: BLE001 - ValueError from us, TemplateError from the model's template
+            raise APIError(400, f"the chat template refused these messages: {exc}", param="messages") from exc
         return await Completion(app.state, params, prompt_ids, "chat").respond(http)
 
     @app.post("/v1/completions")
     async def completions(params: CompletionParams, http: HTTPRequest):
         check_model(params.model)
+        unknown_parameters(params)
         prompt = params.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
@@ -432,13 +572,18 @@ def create_app(engine: Engine, model_id: str | None = None, max_tokens_limit: in
 
     @app.get("/health")
     async def health():
-        if not app.state.loop.alive:
-            return JSONResponse({"status": "engine thread stopped"}, status_code=503)
+        loop = app.state.loop
+        if not loop.alive:
+            return JSONResponse({"status": "engine stopped", "reason": loop.stopped_because or "not started"},
+                                status_code=503)
         return {"status": "ok"}
 
     @app.get("/engine/stats")
     async def stats():
-        return await asyncio.wrap_future(app.state.loop.call(engine.stats))
+        try:
+            return await asyncio.wrap_future(app.state.loop.call(engine.stats))
+        except EngineStopped as exc:
+            raise _engine_error(exc) from exc
 
     return app
 
@@ -495,12 +640,13 @@ class BackgroundServer:
 
 
 def serve_in_background(engine: Engine, model_id: str | None = None, port: int = 0,
-                        max_tokens_limit: int | None = None, warmup: bool = True) -> BackgroundServer:
+                        max_tokens_limit: int | None = None, warmup: bool = True,
+                        limits: ServerLimits | None = None) -> BackgroundServer:
     """Start an OpenAI-compatible server on `engine` in a background thread (warmed up first);
     use it as a context manager: `with serve_in_background(engine) as server: ... server.url`."""
     if warmup:
         engine.warmup()
-    return BackgroundServer(create_app(engine, model_id, max_tokens_limit), port=port).start()
+    return BackgroundServer(create_app(engine, model_id, max_tokens_limit, limits), port=port).start()
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -517,6 +663,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask")
+    d = ServerLimits()
+    p.add_argument("--max-waiting", type=int, default=d.max_waiting,
+                   help=f"requests queued beyond the engine's slots before 429 + Retry-After (default {d.max_waiting})")
+    p.add_argument("--request-timeout", type=float, default=d.request_timeout_s,
+                   help=f"per-request deadline in seconds, queueing included; 0: none (default {d.request_timeout_s:g})")
+    p.add_argument("--max-stop-strings", type=int, default=d.max_stop_strings,
+                   help=f"stop strings per request (default {d.max_stop_strings})")
+    p.add_argument("--max-stop-length", type=int, default=d.max_stop_length,
+                   help=f"characters per stop string (default {d.max_stop_length})")
+    p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
+                   help=f"request body size; larger gets 413 (default {d.max_request_bytes})")
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
 
@@ -529,6 +686,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(list(argv or []))
     try:
+        limits = ServerLimits(args.max_tokens_limit, args.max_waiting, args.request_timeout, args.max_stop_strings,
+                              args.max_stop_length, args.max_request_bytes)
         config = EngineConfig(kv_cache=not args.no_kv_cache, batching=not (args.no_batching or args.no_kv_cache),
                               quant=args.quant, speculative=args.speculative, max_batch=args.max_batch,
                               max_model_len=args.max_model_len)
@@ -537,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"serve: {exc}")
         return 2
     engine.warmup()
-    app = create_app(engine, max_tokens_limit=args.max_tokens_limit)
+    app = create_app(engine, limits=limits)
     print(f"serving {app.state.model_id} ({engine.label}) at http://{args.host}:{args.port}/v1")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
