@@ -12,6 +12,8 @@ a step:
 Dequantizing in fp32 adds at most a few ulps of |w| on top, hence the small relative slack.
 """
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,7 +32,7 @@ from course_lib.quant import (
     quantize_model,
     unpack_int4,
 )
-from course_lib.bench.quant import bnb_config
+from course_lib.bench.quant import bnb_config, bnb_unavailable, quantized_copy
 from course_lib.transformer import ModelConfig, Transformer
 
 SCHEMES = [
@@ -242,6 +244,40 @@ def test_swap_works_on_a_transformers_model():
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
                          pad_token_id=0)
     assert out.shape == (1, 7)
+
+
+@pytest.mark.parametrize("options", [{}, dict(keep_head=False, keep_embeddings=False, embedding_scheme=INT8)],
+                         ids=["floats kept", "all quantized"])
+def test_quantized_copy_equals_a_deep_copy_and_shares_the_floats_it_keeps(options):
+    model = tiny_course()
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    shared = quantized_copy(model, INT4, **options)
+    ref = quantize_model(copy.deepcopy(model), INT4, **options)
+    tokens = torch.randint(0, 96, (2, 11))
+    with torch.inference_mode():
+        torch.testing.assert_close(shared(tokens), ref(tokens), rtol=0, atol=0)
+    assert model_bytes(shared) == model_bytes(ref)  # counted as if it owned its floats
+    assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())  # the original is untouched
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 0
+    ours = {id(p) for p in model.parameters()}
+    kept = [p for p in shared.parameters()]
+    assert kept and all(id(p) in ours for p in kept)  # every float tensor of the copy is the original's
+    if options:
+        assert isinstance(shared.embed_tokens, QuantEmbedding)
+    else:
+        assert shared.embed_tokens.weight is model.embed_tokens.weight
+
+
+def test_bitsandbytes_says_why_it_cannot_run(monkeypatch):
+    import importlib.util
+
+    pytest.importorskip("bitsandbytes")
+    assert bnb_unavailable("smollm2-135m", "cpu") is None
+    assert "random weights" in bnb_unavailable("smollm2-mha-mini:random", "cpu")
+    assert "not on mps" in bnb_unavailable("smollm2-135m", "mps")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    assert "not installed" in bnb_unavailable("smollm2-135m", "cpu")
 
 
 @pytest.mark.parametrize("scheme", [INT8, INT4, QuantScheme(4, "group", 32, symmetric=False, float_zero=True)],

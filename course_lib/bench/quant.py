@@ -12,6 +12,8 @@ cache loop. Ratios: *_weight_bytes_ratio, *_ppl_increase_pct, *_decode_speed_rat
 from __future__ import annotations
 
 import copy
+import importlib.util
+import itertools
 import logging
 import statistics
 
@@ -23,7 +25,7 @@ from course_lib.env import pick_device
 from course_lib.generation import chat_input_ids
 from course_lib.kv_cache import stream_cached
 from course_lib.measure import RequestMetrics, time_stream
-from course_lib.models import PRESETS, _default_checkpoint, parse_name
+from course_lib.models import PRESETS, RANDOM_SUFFIX, _default_checkpoint, parse_name
 from course_lib.quality import build_reference, evaluate, heldout_windows
 from course_lib.quant import INT4, INT8, QuantScheme, model_bytes, quantize_model
 from course_lib.transformer import Transformer
@@ -41,6 +43,28 @@ def bnb_config(kind: str, compute_dtype: torch.dtype = torch.float32):
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
                                   bnb_4bit_use_double_quant=kind == "nf4-dq")
     raise ValueError(f"unknown bitsandbytes kind {kind!r}: choose one of {BNB_KINDS}")
+
+
+def quantized_copy(model: torch.nn.Module, scheme: QuantScheme, **options) -> torch.nn.Module:
+    """quantize_model(copy.deepcopy(model), scheme, **options), except that the copy shares every float
+    tensor it keeps (embedding, norms, RoPE tables) with `model` instead of copying it: only the new
+    codes and scales take memory, and no second float model exists even for a moment."""
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return quantize_model(copy.deepcopy(model, shared), scheme, **options)
+
+
+def bnb_unavailable(name: str | None = None, device: str | torch.device | None = None) -> str | None:
+    """Why bitsandbytes cannot quantize this preset on this device, in words; None when it can."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed (it has no build for some platforms, e.g. macOS)"
+    preset, random_weights = parse_name(name)
+    if random_weights:
+        return (f"bitsandbytes quantizes a checkpoint while loading it, and {preset}{RANDOM_SUFFIX} has random "
+                "weights: there is no checkpoint to load")
+    dev = torch.device(device) if device is not None else pick_device()
+    if dev.type not in ("cpu", "cuda"):
+        return f"bitsandbytes runs on CUDA GPUs and CPUs, not on {dev.type}"
+    return None
 
 
 def load_bnb(kind: str, name: str | None = None, device: str | torch.device | None = None):
