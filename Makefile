@@ -16,7 +16,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: install lab test test-unit test-notebooks test-wheel test-gpu-like execute doctor gpu-check clean
+.PHONY: results install lab test test-unit test-notebooks test-wheel test-gpu-like execute doctor gpu-check clean
 
 install: $(STAMP)
 
@@ -70,6 +70,10 @@ test-wheel:
 # offline default's shape, not the numbers.
 test-gpu-like: $(STAMP)
 	COURSE_MODEL=smollm2-mha-mini:random COURSE_DTYPE=bfloat16 $(MAKE) test-notebooks
+
+# The README's headline table, regenerated from the committed `--suite all` record.
+results: $(STAMP)
+	$(BIN)/python tools/results_table.py
 
 # Re-run every notebook in place so that its stored outputs are fresh.
 execute: $(STAMP)
