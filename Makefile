@@ -16,7 +16,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: results install lab test test-unit test-notebooks test-wheel test-gpu-like execute doctor gpu-check clean
+.PHONY: student results install lab test test-unit test-notebooks test-wheel test-gpu-like execute doctor gpu-check clean
 
 install: $(STAMP)
 
@@ -70,6 +70,11 @@ test-wheel:
 # offline default's shape, not the numbers.
 test-gpu-like: $(STAMP)
 	COURSE_MODEL=smollm2-mha-mini:random COURSE_DTYPE=bfloat16 $(MAKE) test-notebooks
+
+# The workshop hand-out: every notebook without its solutions, exercise outputs cleared.
+STUDENT_DIR ?= student
+student: $(STAMP)
+	$(BIN)/python tools/student_edition.py $(STUDENT_DIR)
 
 # The README's headline table, regenerated from the committed `--suite all` record.
 results: $(STAMP)
