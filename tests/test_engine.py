@@ -1,6 +1,7 @@
 """course_lib.engine: every switch combination gives plain cached decoding's greedy tokens (a quantized
 engine gives its own unbatched quantized tokens), speculation hands over to the batch without changing
-them, aborts free slots and KV blocks, bad configurations and impossible requests are refused."""
+them, aborts free slots and KV blocks, bad configurations and impossible requests are refused; an
+injected fault fails only its own request, and a step that raises leaves no request behind."""
 
 import copy
 
@@ -78,7 +79,24 @@ def quant_refs(model, stop_and_refs):
 def test_every_switch_combination_gives_plain_greedy_output(model, draft, config, stop_and_refs, quant_refs):
     stop, refs = stop_and_refs
     engine = Engine(model, config, draft=draft)
-    outputs = engine.generate_many(prompts(), NEW, stop_ids=stop)
+    if config.batching and config.speculative:
+        # Submitted all at once, the batch would take every request before any speculation: let one
+        # decode alone until a guess is kept, then send the others. Prompt 3 repeats a phrase that
+        # prompt lookup matches after 6 of its 9 tokens (the others find no match before they end).
+        requests = [Request(p, n, stop_ids=stop) for p, n in zip(prompts(), NEW)]
+        first = 3
+        engine.add_request(requests[first])
+        engine.step()
+        while engine.current is requests[first] and not sum(engine._spec.accepted):  # until a guess is kept
+            engine.step()
+        assert engine.current is requests[first], "it should still be mid-answer when the others arrive"
+        for r in requests[:first] + requests[first + 1:]:
+            engine.add_request(r)
+        while engine.has_unfinished():
+            engine.step()
+        outputs = [r.output_ids for r in requests]
+    else:
+        outputs = engine.generate_many(prompts(), NEW, stop_ids=stop)
     assert outputs == (quant_refs if config.quant else refs)
     stats = engine.stats()
     assert stats["finished"] == len(NEW) and stats["running"] == stats["waiting"] == 0
@@ -86,9 +104,12 @@ def test_every_switch_combination_gives_plain_greedy_output(model, draft, config
     if config.batching:
         assert stats["kv_blocks_free"] == stats["kv_blocks_total"] and stats["kv_blocks_consistent"]
         assert max(h.running for h in engine.batch.history) == 3  # really batched, up to max_batch
-    if config.speculative and not config.batching:  # guesses were made and kept (the draft's also turned down)
-        assert 0 < stats["spec_accepted"] <= stats["spec_proposed"]
+    if config.speculative:  # the speculative path ran: guesses were made and kept
+        assert stats["spec_target_calls"] > 0 and 0 < stats["spec_accepted"] <= stats["spec_proposed"]
+    if config.speculative and not config.batching:  # (the draft's guesses also turned down)
         assert config.speculative == "lookup" or stats["spec_accepted"] < stats["spec_proposed"]
+    if config.speculative and config.batching:
+        assert stats["joined_batch"] == 1
     if config.quant:
         assert any(isinstance(m, QuantLinear) for m in engine.model.modules())
         assert not any(isinstance(m, QuantLinear) for m in model.modules())  # the caller's model is untouched
@@ -199,6 +220,140 @@ def test_impossible_requests_are_rejected_with_a_reason(model, batching):
     with pytest.raises(ValueError, match="already used"):
         engine.add_request(ok)
     assert engine.stats()["rejected"] == 2
+
+
+# ---- faults: one request's failure stays its own --------------------------------------------------------
+
+class Faulty(torch.nn.Module):
+    """The model, except that a forward raises (or gives NaN logits for the affected rows) when a row
+    holds token `poison` or feeds position `at_pos`: a fault that belongs to one request."""
+
+    def __init__(self, inner, poison: int | None = None, at_pos: int | None = None, nan: bool = False):
+        super().__init__()
+        self.inner, self.poison, self.at_pos, self.nan, self.config = inner, poison, at_pos, nan, inner.config
+
+    def forward(self, tokens, input_pos, **kwargs):
+        logits = self.inner(tokens, input_pos, **kwargs)  # (B, T, V)
+        hit = torch.zeros(tokens.shape[0], dtype=torch.bool)  # (B,)
+        if self.poison is not None:
+            hit |= (tokens == self.poison).any(-1)
+        if self.at_pos is not None:
+            hit |= (input_pos == self.at_pos).any(-1)
+        if bool(hit.any()):
+            if not self.nan:
+                raise RuntimeError("injected fault")
+            logits = logits.masked_fill(hit[:, None, None], float("nan"))
+        return logits
+
+
+def run_all(engine, requests):
+    for r in requests:
+        assert engine.add_request(r)
+    while engine.has_unfinished():
+        engine.step()
+
+
+@pytest.mark.parametrize("where", ["prefill raises", "decode raises", "prefill nan", "decode nan"])
+def test_a_fault_in_one_request_fails_it_alone(model, stop_and_refs, where):
+    stop, refs = stop_and_refs
+    ps = prompts()
+    engine = Engine(model, EngineConfig(max_batch=3, block_size=4))
+    if where.startswith("prefill"):  # a token that only prompt 2 holds (admitted with two others)
+        bad = 2
+        poison = next(t for t in ps[bad] if all(t not in p for i, p in enumerate(ps) if i != bad))
+        engine.batch.model = Faulty(model, poison=poison, nan=where.endswith("nan"))
+    else:  # the last position the longest request feeds, which no other request reaches
+        ends = [len(p) + len(r) - 2 for p, r in zip(ps, refs)]
+        bad = max(range(len(ps)), key=lambda i: ends[i])
+        assert sorted(ends)[-2] < ends[bad]
+        engine.batch.model = Faulty(model, at_pos=ends[bad], nan=where.endswith("nan"))
+    requests = [Request(p, n, stop_ids=stop) for p, n in zip(ps, NEW)]
+    run_all(engine, requests)
+    assert requests[bad].finish_reason == "error"
+    assert ("not finite" if where.endswith("nan") else "injected fault") in requests[bad].error
+    assert [r.output_ids for i, r in enumerate(requests) if i != bad] == [r for i, r in enumerate(refs) if i != bad]
+    if where.startswith("decode"):  # it failed at its last step: everything before is its own greedy output
+        assert requests[bad].output_ids == refs[bad][:-1]
+    stats = engine.stats()
+    assert stats["failed"] == 1 and stats["finished"] == len(ps) - 1
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"] and stats["kv_blocks_consistent"]
+
+
+@pytest.mark.parametrize("speculative", [None, "lookup"])
+def test_a_fault_in_the_solo_lane_fails_that_request_and_the_next_one_runs(model, stop_and_refs, speculative):
+    stop, refs = stop_and_refs
+    engine = Engine(model, EngineConfig(batching=False, speculative=speculative))
+    poison = prompts()[0][0]
+    engine.model = Faulty(model, poison=poison)
+    bad, good = Request(prompts()[0], NEW[0], stop_ids=stop), Request(prompts()[1], NEW[1], stop_ids=stop)
+    run_all(engine, [bad, good])
+    assert bad.finish_reason == "error" and "injected fault" in bad.error and bad.is_done
+    assert good.output_ids == refs[1] and engine.stats()["failed"] == 1 and not engine.has_unfinished()
+
+
+def test_a_step_that_raises_after_its_prefill_finished_a_request_leaves_no_zombie(model, stop_and_refs, monkeypatch):
+    """The prefill half finishes a one-token request, then the decode half raises (a scheduler bug,
+    not one request's fault). The finished request must leave the engine: abort() refuses a done
+    request, so a zombie would keep has_unfinished() True and a server thread spinning forever."""
+    stop, refs = stop_and_refs
+    engine = Engine(model, EngineConfig(max_batch=3, block_size=4))
+    one, longer = Request(prompts()[0], 1), Request(prompts()[1], NEW[1], stop_ids=stop)
+    for r in (one, longer):
+        engine.add_request(r)
+    prepare = engine.batch.scheduler.prepare_decode
+
+    def broken():
+        raise RuntimeError("injected scheduler bug")
+
+    monkeypatch.setattr(engine.batch.scheduler, "prepare_decode", broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.step()
+    assert one.is_done and one.request_id not in engine.in_batch and len(one.output_ids) == 1
+    assert set(engine.in_batch) == {longer.request_id}  # only the unfinished one is still held
+    monkeypatch.setattr(engine.batch.scheduler, "prepare_decode", prepare)
+    while engine.has_unfinished():
+        engine.step()
+    assert longer.output_ids == refs[1]
+    dropped = Request(prompts()[2], 10)
+    engine.add_request(dropped)
+    engine.step()
+    assert engine.abort_all() == [dropped] and not engine.has_unfinished() and dropped.finish_reason == "abort"
+    assert engine.stats()["kv_blocks_free"] == engine.stats()["kv_blocks_total"]
+
+
+# ---- logprobs and penalties: the batch lane sees the logits ----------------------------------------------
+
+def test_logprobs_are_the_models_own_and_penalties_follow_a_hand_written_loop(model):
+    p = prompts()[1]  # a prompt that repeats itself: a penalty has something to push against
+    engine = Engine(model, EngineConfig(speculative="lookup", max_batch=3, block_size=4))
+    plain = Request(p, 8, logprobs=3)
+    assert engine.add_request(plain) and plain.request_id in engine.in_batch  # not the speculative solo lane
+    penalized = Request(p, 8, presence_penalty=1.5, frequency_penalty=0.5)
+    run_all(engine, [penalized])
+    # The reference: a full forward per token (no cache), penalties subtracted by hand.
+    ids, expected, logprobs = list(p), [], []
+    with torch.inference_mode():
+        for _ in range(8):
+            row = model(torch.tensor([ids]), torch.arange(len(ids)).view(1, -1))[0, -1]  # (V,)
+            counts = torch.zeros_like(row)
+            for t in expected:
+                counts[t] += 1
+            expected.append(int((row - 1.5 * (counts > 0).float() - 0.5 * counts).argmax()))
+            ids.append(expected[-1])
+    assert penalized.output_ids == expected
+    ids = list(p)
+    with torch.inference_mode():
+        for t in plain.output_ids:
+            logprobs.append(torch.log_softmax(model(torch.tensor([ids]), torch.arange(len(ids)).view(1, -1))[0, -1], -1))
+            ids.append(t)
+    assert len(plain.output_logprobs) == 8
+    for t, lp, (chosen, top) in zip(plain.output_ids, logprobs, plain.output_logprobs):
+        assert chosen == pytest.approx(float(lp[t]), abs=1e-4)
+        assert [i for i, _ in top] == lp.topk(3).indices.tolist() and top[0][0] == t  # greedy: the top one
+    assert plain.output_ids != penalized.output_ids  # the penalty changed the answer
+    solo = Engine(model, EngineConfig(batching=False))
+    refused = Request(p, 4, logprobs=0)
+    assert not solo.add_request(refused) and "need the batching engine" in refused.finish_reason
 
 
 # ---- the real default model ---------------------------------------------------------------------------

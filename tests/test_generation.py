@@ -7,8 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from course_lib.batching import sample_each_row
 from course_lib.generation import (
+    GREEDY_BELOW,
     SamplingConfig,
+    apply_penalties,
     apply_temperature,
     chat_input_ids,
     filter_logits,
@@ -18,6 +21,7 @@ from course_lib.generation import (
     sample_next_token,
     stop_token_ids,
     stream_naive,
+    token_logprobs,
     top_k_filter,
     top_p_filter,
 )
@@ -65,6 +69,7 @@ class BigramModel(torch.nn.Module):
 @pytest.mark.parametrize("kwargs, reason", [
     (dict(temperature=-0.1), "temperature must be >= 0"),
     (dict(temperature=float("nan")), "temperature must be >= 0"),
+    (dict(temperature=float("inf")), "temperature must be >= 0"),
     (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
     (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
     (dict(top_k=0), "top_k must be None or an integer >= 1"),
@@ -117,6 +122,76 @@ def test_temperature_to_zero_is_greedy_argmax(temperature):
     sampling = SamplingConfig(temperature=temperature)
     got = sample_next_token(logits, sampling, torch.Generator().manual_seed(1))
     assert torch.equal(got, logits.argmax(-1))
+
+
+# ---------------------------------------------------------------- every legal parameter is safe
+
+def test_a_tiny_top_p_keeps_exactly_the_most_likely_token():
+    # p below the tolerance used to keep nothing: every logit -inf, softmax NaN, multinomial raised.
+    logits = logits_of(SHUFFLED)
+    for p in (1e-6, 1e-9, 1e-300):
+        assert kept(top_p_filter(logits, p)) == {int(logits.argmax())}
+    got = sample_next_token(logits.repeat(64, 1), SamplingConfig(temperature=1.0, top_p=1e-9),
+                            torch.Generator().manual_seed(0))
+    assert set(got.tolist()) == {int(logits.argmax())}
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-300, 5e-324, GREEDY_BELOW / 2])
+def test_a_temperature_too_small_to_divide_by_samples_greedily(temperature):
+    # 1e-40 is subnormal in fp32 and 5e-324 rounds to 0: dividing gave inf - inf = NaN.
+    logits = torch.randn(64, 500, generator=torch.Generator().manual_seed(0)) * 30  # (64, 500)
+    sampling = SamplingConfig(temperature=temperature)
+    assert sampling.greedy
+    assert torch.equal(sample_next_token(logits, sampling, torch.Generator().manual_seed(1)), logits.argmax(-1))
+    assert torch.isfinite(filter_logits(logits, sampling)).all()
+
+
+def test_no_legal_combination_of_parameters_leaves_nothing_to_sample():
+    """Every filter keeps the most likely token, so each draw is a token with finite logit."""
+    logits = torch.randn(8, 300, generator=torch.Generator().manual_seed(3)) * 20
+    logits[0, 5] = logits[0].max() + 50  # one row dominated by a single token
+    for t in (1e-40, 1e-5, 0.3, 1.0, 2.0, 1e6):
+        for top_p in (1e-12, 1e-7, 0.5, 1.0):
+            for top_k in (None, 1, 3):
+                for min_p in (0.0, 0.5, 0.999999):
+                    sampling = SamplingConfig(temperature=t, top_k=top_k, top_p=top_p, min_p=min_p)
+                    got = sample_next_token(logits, sampling, torch.Generator().manual_seed(0))
+                    assert got.shape == (8,) and bool((got >= 0).all() and (got < 300).all())
+                    if top_k == 1 or top_p == 1e-12:
+                        assert torch.equal(got, logits.argmax(-1)), sampling
+
+
+def test_sample_each_row_keeps_a_rows_failure_to_itself():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    logits[1, 7] = float("nan")  # a numerical fault in one request's forward
+    sampled = SamplingConfig(temperature=1.0)
+    for samplings in ([SamplingConfig()] * 3, [sampled] * 3):
+        out = sample_each_row(logits, samplings, [torch.Generator().manual_seed(i) for i in range(3)])
+        assert isinstance(out[1], FloatingPointError) and "not finite" in str(out[1])
+        for i in (0, 2):  # the others: exactly what they draw alone with the same generator
+            alone = sample_next_token(logits[i:i + 1], samplings[i], torch.Generator().manual_seed(i))
+            assert out[i] == int(alone)
+
+
+# ---------------------------------------------------------------- penalties and logprobs
+
+def test_penalties_follow_openais_formula():
+    # Hand-derived: token 2 appears twice, token 4 once. presence 0.5, frequency 0.25:
+    # token 2 loses 0.5 + 2 * 0.25 = 1.0, token 4 loses 0.5 + 0.25 = 0.75, the rest nothing.
+    logits = torch.zeros(6)
+    out = apply_penalties(logits, [2, 4, 2], presence=0.5, frequency=0.25)
+    assert out.tolist() == [0.0, 0.0, -1.0, 0.0, -0.75, 0.0]
+    assert apply_penalties(logits, [1, 1], presence=-1.0).tolist() == [0.0, 1.0, 0.0, 0.0, 0.0, 0.0]  # encourages
+    assert apply_penalties(logits, [], 2.0, 2.0) is logits and logits.tolist() == [0.0] * 6  # input untouched
+
+
+def test_token_logprobs_are_the_models_log_softmax():
+    # Hand-derived: logits (log 1, log 2, log 5) are probabilities 1/8, 2/8, 5/8.
+    logits = torch.tensor([[0.0, math.log(2), math.log(5)]])
+    [(chosen, top)] = token_logprobs(logits, torch.tensor([1]), top=2)
+    assert chosen == pytest.approx(math.log(2 / 8))
+    assert [i for i, _ in top] == [2, 1] and [v for _, v in top] == pytest.approx([math.log(5 / 8), math.log(2 / 8)])
+    assert token_logprobs(logits, torch.tensor([0]))[0][1] == []  # top=0: the chosen token only
 
 
 # ---------------------------------------------------------------- top-k

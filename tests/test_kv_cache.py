@@ -88,12 +88,25 @@ def test_stop_token_is_included_and_ends_generation():
     assert out == generate_naive(model, ids, 40, stop_ids=[stop])
 
 
-def test_stream_yields_tokens_with_increasing_times():
+def test_stream_yields_each_token_as_soon_as_its_forward_ran():
+    """A stream computes lazily: the k-th token is yielded after exactly k forwards (one prefill,
+    then one decode each), not after all of them; so its time stamp is that token's. (Checking that
+    perf_counter values come out sorted could not fail: the clock is monotonic.)"""
     model = tiny("llama")
-    items = list(stream_cached(model, prompt(5), 6))
-    assert [t for t, _ in items] == generate_cached(model, prompt(5), 6)
-    times = [s for _, s in items]
-    assert times == sorted(times)
+    forwards = []
+    hook = model.register_forward_hook(lambda module, args, out: forwards.append(args[0].shape[1]))
+    try:
+        stream = stream_cached(model, prompt(5), 6)
+        assert forwards == []  # nothing runs before the first token is asked for
+        tokens = []
+        for k in range(1, 7):
+            token, when = next(stream)
+            tokens.append(token)
+            assert len(forwards) == k and isinstance(when, float)
+        assert forwards == [5, 1, 1, 1, 1, 1]  # the prompt once, then one new token per forward
+    finally:
+        hook.remove()
+    assert tokens == generate_cached(model, prompt(5), 6)
     assert not torch.is_inference_mode_enabled()
 
 
