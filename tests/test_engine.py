@@ -16,6 +16,7 @@ from course_lib.scheduler import Request, RequestStatus
 from course_lib.transformer import Transformer
 from course_lib.workload import WorkloadConfig, make_workload, replay
 from tiny import VOCAB, tiny_transformer
+from tiny_server import Faulty
 
 
 
@@ -223,28 +224,6 @@ def test_impossible_requests_are_rejected_with_a_reason(model, batching):
 
 
 # ---- faults: one request's failure stays its own --------------------------------------------------------
-
-class Faulty(torch.nn.Module):
-    """The model, except that a forward raises (or gives NaN logits for the affected rows) when a row
-    holds token `poison` or feeds position `at_pos`: a fault that belongs to one request."""
-
-    def __init__(self, inner, poison: int | None = None, at_pos: int | None = None, nan: bool = False):
-        super().__init__()
-        self.inner, self.poison, self.at_pos, self.nan, self.config = inner, poison, at_pos, nan, inner.config
-
-    def forward(self, tokens, input_pos, **kwargs):
-        logits = self.inner(tokens, input_pos, **kwargs)  # (B, T, V)
-        hit = torch.zeros(tokens.shape[0], dtype=torch.bool)  # (B,)
-        if self.poison is not None:
-            hit |= (tokens == self.poison).any(-1)
-        if self.at_pos is not None:
-            hit |= (input_pos == self.at_pos).any(-1)
-        if bool(hit.any()):
-            if not self.nan:
-                raise RuntimeError("injected fault")
-            logits = logits.masked_fill(hit[:, None, None], float("nan"))
-        return logits
-
 
 def run_all(engine, requests):
     for r in requests:
