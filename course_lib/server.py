@@ -202,7 +202,11 @@ class EngineLoop:
     def _handle(self, kind: str, obj, arg) -> None:
         if kind == "submit":
             sink, deadline = arg
-            if self.engine.add_request(obj):
+            try:
+                added = self.engine.add_request(obj)
+            except Exception as exc:  # noqa: BLE001 - this request's problem, not the engine's
+                added, obj.finish_reason = False, f"{type(exc).__name__}: {exc}"
+            if added:
                 self.sinks[obj.request_id] = (obj, sink, deadline)
             else:
                 self._release(None)
@@ -316,7 +320,8 @@ class Completion:
                                logprobs=params.num_logprobs)
         reason = engine.refusal(self.request)
         if reason is not None:  # the engine thread would refuse it: say so now, before any event is sent
-            param = "logprobs" if "logprobs" in reason else "max_tokens"
+            param = ("max_tokens" if "logprobs" not in reason else "logprobs" if params.num_logprobs is not None
+                     else "presence_penalty" if params.presence_penalty else "frequency_penalty")
             raise APIError(400, reason, param=param)
         self.text = TextStream(self.tokenizer, stop)
         self.events_in: asyncio.Queue = asyncio.Queue()

@@ -725,3 +725,21 @@ def test_text_stream_is_linear_in_the_output_and_never_loses_text():
     stream = TextStream(CountingTokenizer())
     held = [stream.add([0xE2]) for _ in range(40)]
     assert "".join(held).count("\ufffd") >= 40 - 20
+
+
+def test_an_engine_without_a_batch_lane_refuses_what_it_cannot_compute(tiny_model):
+    with tiny_server(tiny_model, EngineConfig(batching=False, max_model_len=256)) as (url, _, _):
+        for extra, param in (({"logprobs": True}, "logprobs"), ({"presence_penalty": 1.0}, "presence_penalty")):
+            response = httpx.post(url + "/v1/chat/completions", json=tiny_chat("hi", **extra))
+            assert response.status_code == 400 and response.json()["error"]["param"] == param
+        assert httpx.post(url + "/v1/chat/completions", json=tiny_chat("hi")).status_code == 200
+
+
+def test_serve_command_line_limits():
+    from course_lib.server import main as serve_main
+    from course_lib.server import parse_args
+
+    args = parse_args([])
+    assert (args.max_waiting, args.request_timeout, args.max_stop_strings, args.max_stop_length,
+            args.max_request_bytes) == (32, 300.0, 4, 64, 1 << 20)
+    assert serve_main(["--max-waiting", "-1"]) == 2  # refused before any model is loaded
