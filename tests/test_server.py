@@ -743,3 +743,15 @@ def test_serve_command_line_limits():
     assert (args.max_waiting, args.request_timeout, args.max_stop_strings, args.max_stop_length,
             args.max_request_bytes) == (32, 300.0, 4, 64, 1 << 20)
     assert serve_main(["--max-waiting", "-1"]) == 2  # refused before any model is loaded
+
+
+def test_an_unexpected_error_is_still_an_openai_shaped_json_500(tiny, monkeypatch):
+    url, engine = tiny[:2]
+
+    def broken():
+        raise KeyError("injected bug")
+
+    monkeypatch.setattr(engine, "stats", broken)
+    response = httpx.get(url + "/engine/stats")
+    assert response.status_code == 500 and response.headers["content-type"] == "application/json"
+    assert response.json()["error"]["type"] == "server_error" and "injected bug" in response.json()["error"]["message"]
