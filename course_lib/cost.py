@@ -2,9 +2,11 @@
 
 Conventions: a month is `days_per_month` = 30 days (so 720 hours); a rented GPU instance is
 billed for every hour it exists, busy or idle; `utilization` is the fraction of those hours in
-which it produces tokens at its measured `tokens_per_s`. Self-hosted capacity is counted in
-output tokens (decode is the expensive part; measure tokens_per_s with your prompt lengths so
-prefill is included in it). API prices are dollars per million tokens, input and output apart.
+which it produces tokens at its measured `tokens_per_s`. A query costs an instance its output
+tokens at `tokens_per_s` plus, when `prefill_tokens_per_s` is given, its prompt tokens at that rate
+(an API bills the prompt too; the GPU's prefill is not free). Without it, `tokens_per_s` must be
+measured end to end with your prompt lengths, so that prefill is inside it. API prices are
+dollars per million tokens, input and output apart.
 """
 
 from __future__ import annotations
@@ -76,24 +78,37 @@ def api_monthly_cost(workload: Workload, price: ApiPrice) -> float:
     return per_query * workload.queries_per_month
 
 
-def gpus_needed(workload: Workload, tokens_per_s: float, utilization: float = 1.0) -> int:
-    """Instances needed to serve the workload's output tokens when each runs at `tokens_per_s`
-    for a `utilization` share of the day (at least one)."""
-    if tokens_per_s <= 0 or not 0 < utilization <= 1:
-        raise ValueError(f"need tokens_per_s > 0 and 0 < utilization <= 1, got {tokens_per_s}, {utilization}")
-    return max(1, math.ceil(workload.output_tokens_per_s / (tokens_per_s * utilization) - 1e-9))
+def query_seconds(input_tokens: float, output_tokens: float, tokens_per_s: float,
+                  prefill_tokens_per_s: float | None = None) -> float:
+    """Busy seconds one query costs an instance: output at tokens_per_s, plus the prompt at
+    prefill_tokens_per_s (None: prefill is already inside tokens_per_s)."""
+    if tokens_per_s <= 0 or (prefill_tokens_per_s is not None and prefill_tokens_per_s <= 0):
+        raise ValueError(f"need tokens_per_s > 0 and prefill_tokens_per_s > 0 or None, got {tokens_per_s}, {prefill_tokens_per_s}")
+    return output_tokens / tokens_per_s + (input_tokens / prefill_tokens_per_s if prefill_tokens_per_s else 0.0)
+
+
+def gpus_needed(workload: Workload, tokens_per_s: float, utilization: float = 1.0,
+                prefill_tokens_per_s: float | None = None) -> int:
+    """Instances needed to serve the workload when each is busy a `utilization` share of the day,
+    decoding at `tokens_per_s` (and prefilling at `prefill_tokens_per_s`, if given); at least one."""
+    if not 0 < utilization <= 1:
+        raise ValueError(f"need 0 < utilization <= 1, got {utilization}")
+    busy = workload.queries_per_day * query_seconds(workload.input_tokens, workload.output_tokens,
+                                                    tokens_per_s, prefill_tokens_per_s)  # seconds per day
+    return max(1, math.ceil(busy / (SECONDS_PER_DAY * utilization) - 1e-9))
 
 
 def self_host_monthly_cost(workload: Workload, dollars_per_hour: float, tokens_per_s: float,
-                           utilization: float = 1.0) -> float:
+                           utilization: float = 1.0, prefill_tokens_per_s: float | None = None) -> float:
     """$ per month for enough instances, each billed 24 h a day, to serve the workload."""
-    gpus = gpus_needed(workload, tokens_per_s, utilization)
+    gpus = gpus_needed(workload, tokens_per_s, utilization, prefill_tokens_per_s)
     return instance_monthly_cost(dollars_per_hour, days_per_month=workload.days_per_month, gpus=gpus)
 
 
 def break_even_queries_per_day(input_tokens: float, output_tokens: float, price: ApiPrice,
                                dollars_per_hour: float, tokens_per_s: float, utilization: float = 1.0,
-                               days_per_month: float = DAYS_PER_MONTH) -> float | None:
+                               days_per_month: float = DAYS_PER_MONTH,
+                               prefill_tokens_per_s: float | None = None) -> float | None:
     """The smallest queries/day at which self-hosting costs no more than the API; None if never.
 
     API cost grows linearly with volume (c per query); self-hosting costs n instances * H a month
@@ -105,6 +120,9 @@ def break_even_queries_per_day(input_tokens: float, output_tokens: float, price:
     per_query = (input_tokens * price.input_per_m + output_tokens * price.output_per_m) / 1e6
     if per_query <= 0 or output_tokens <= 0:
         raise ValueError("break-even needs a positive API price per query and output tokens per query")
-    capacity = tokens_per_s * utilization * SECONDS_PER_DAY / output_tokens  # queries/day per instance
+    if not 0 < utilization <= 1:
+        raise ValueError(f"need 0 < utilization <= 1, got {utilization}")
+    # queries/day per instance: its busy seconds a day over what one query costs it
+    capacity = utilization * SECONDS_PER_DAY / query_seconds(input_tokens, output_tokens, tokens_per_s, prefill_tokens_per_s)
     volume = instance_monthly_cost(dollars_per_hour, days_per_month=days_per_month) / (per_query * days_per_month)
     return volume if volume <= capacity * (1 + 1e-12) else None

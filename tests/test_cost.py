@@ -128,3 +128,23 @@ def test_bad_workload_and_break_even_inputs():
         Workload(1, 500, 300, days_per_month=0)
     with pytest.raises(ValueError, match="positive API price"):
         break_even_queries_per_day(500, 300, ApiPrice("free", 0, 0), 2.0, 100)
+
+
+def test_prefill_is_not_free_on_the_gpu():
+    """Hand-derived: 500 in / 300 out at 100 decode tok/s and 1,000 prefill tok/s costs the GPU
+    3 + 0.5 = 3.5 busy seconds; at 50% utilization one GPU serves 43,200 / 3.5 = 12,342.9 queries a
+    day (14,400 if the prompt were free). GPT-4o at $2/h: $1,440 a month / ($0.00425 x 30) =
+    11,294.1 queries/day, within that capacity; with prefill at only 200 tok/s a query costs 5.5 s,
+    capacity drops to 7,854.5 and the break-even disappears."""
+    from course_lib.cost import query_seconds
+
+    assert query_seconds(500, 300, 100, 1_000) == pytest.approx(3.5)
+    assert query_seconds(500, 300, 100) == pytest.approx(3.0)
+    assert break_even_queries_per_day(500, 300, GPT4O, 2.0, 100, 0.5, prefill_tokens_per_s=1_000) == pytest.approx(
+        1_440 / (0.00425 * 30))
+    assert break_even_queries_per_day(500, 300, GPT4O, 2.0, 100, 0.5, prefill_tokens_per_s=200) is None
+    assert gpus_needed(Workload(12_342, 500, 300), 100, 0.5, prefill_tokens_per_s=1_000) == 1
+    assert gpus_needed(Workload(12_343, 500, 300), 100, 0.5, prefill_tokens_per_s=1_000) == 2
+    assert gpus_needed(Workload(14_400, 500, 300), 100, 0.5) == 1  # the free-prompt view needs one fewer GPU
+    with pytest.raises(ValueError, match="prefill_tokens_per_s"):
+        query_seconds(500, 300, 100, 0)
