@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidellm", default="/tmp/guidellm-venv/bin/guidellm")
     p.add_argument("--streams", type=int, nargs="+", default=[1, 4], help="concurrencies (default 1 4)")
     p.add_argument("--requests", type=int, default=12, help="requests per concurrency (default 12)")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="runs per client and concurrency, in alternating order (GuideLLM first, then loadgen first)")
     p.add_argument("--server-threads", type=int, default=2, help="OMP_NUM_THREADS of the server (default 2)")
     p.add_argument("--json", default=str(OUT))
     p.add_argument("--shared-cores", action="store_true", help="record that other work shared the machine")
@@ -115,20 +117,29 @@ def main(argv: list[str] | None = None) -> int:
     points = []
     try:
         for streams in args.streams:
-            g = run_guidellm(args.guidellm, url, streams, args.requests, Path(f"/tmp/guidellm_{streams}.json"))
-            lg = run_loadgen(url, streams, args.requests, g["prompts"])
-            points.append({"streams": streams, "guidellm": g["summary"], "loadgen": lg})
-            version = g["version"]
+            prompts = None
+            for rep in range(args.repeats):
+                out = Path(f"/tmp/guidellm_{streams}_{rep}.json")
+                if rep % 2 == 0 or prompts is None:
+                    g = run_guidellm(args.guidellm, url, streams, args.requests, out)
+                    prompts = prompts or g["prompts"]
+                    lg = run_loadgen(url, streams, args.requests, prompts)
+                else:  # the other order: loadgen first, on the prompts GuideLLM sent before
+                    lg = run_loadgen(url, streams, args.requests, prompts)
+                    g = run_guidellm(args.guidellm, url, streams, args.requests, out)
+                points.append({"streams": streams, "repeat": rep, "first": "guidellm" if rep % 2 == 0 else "loadgen",
+                               "guidellm": g["summary"], "loadgen": lg})
+                version = g["version"]
     finally:
         server.terminate()
         server.wait(30)
     columns = [("requests", "{:.0f}"), ("ttft_p50_ms", "{:.0f}"), ("itl_p50_ms", "{:.1f}"), ("tpot_p50_ms", "{:.1f}"),
                ("e2e_p50_ms", "{:.0f}"), ("throughput_tok_s", "{:.1f}"), ("requests_per_s", "{:.2f}")]
-    print(f"{'streams':>7} {'client':>9} " + " ".join(f"{c:>16}" for c, _ in columns))
+    print(f"{'streams':>7} {'run':>3} {'client':>9} " + " ".join(f"{c:>16}" for c, _ in columns))
     for pt in points:
         for client in ("guidellm", "loadgen"):
             row = pt[client]
-            print(f"{pt['streams']:>7} {client:>9} " + " ".join(
+            print(f"{pt['streams']:>7} {pt['repeat']:>3} {client:>9} " + " ".join(
                 f"{fmt.format(row[c]) if row.get(c) is not None else '-':>16}" for c, fmt in columns))
     stamp = hardware_stamp().as_dict()
     record = {
@@ -146,7 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         "notes": ["GuideLLM's TTFT/ITL/TPOT/E2E are medians over successful requests; throughput is its mean "
                   "output tokens/s; loadgen's are medians of its per-request metrics (course_lib.measure) and "
                   "output tokens over the run's wall time.",
-                  "Both clients run on the same 2 cores as the server, so client overhead is in the numbers."],
+                  "Both clients run on the same 2 cores as the server, so client overhead is in the numbers.",
+                  "Definitions differ: GuideLLM's time_per_output_token is E2E / output tokens (TTFT included); "
+                  "its inter_token_latency is (E2E - TTFT) / (output tokens - 1), which is what course_lib.measure "
+                  "calls TPOT. The course's ITL is the median gap between streamed chunks.",
+                  "GuideLLM's prompt_tokens (94) count the chat template around its 64 synthetic tokens."],
         "caveat": ("The machine's 2 CPU cores were shared with another engineer's work while this ran: treat "
                    "the times as rough and compare the two clients' numbers within a point, not across runs.")
                   if args.shared_cores else "The machine was otherwise idle, as far as this script knows.",
