@@ -15,7 +15,7 @@ Errors are {"error": {"message", "type", "param", "code"}}, as OpenAI sends them
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse

@@ -261,7 +261,6 @@ def test_loadgen_measures_what_it_receives(served, tmp_path):
 # real, and its random tokens make text that is hard to stream (split characters, special tokens).
 
 import concurrent.futures  # noqa: E402
-import threading  # noqa: E402
 
 import openai  # noqa: E402
 import torch  # noqa: E402

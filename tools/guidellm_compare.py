@@ -100,6 +100,50 @@ def run_loadgen(url: str, streams: int, requests: int, prompts: list[str]) -> di
     return {k: s.get(k) for k in keys} | {"output_tokens_mean": s["output_tokens"] / max(1, s["requests"])}
 
 
+def build_record(points: list[dict], version: str, requests: int, server_threads: int, shared_cores: bool,
+                 created: str | None = None) -> dict:
+    """The run as a course_lib.measure.BenchRecord (JSON): every point in results, and as ratios
+    GuideLLM's number over loadgen's for the same quantity, averaged over the repeats."""
+    ratios = {}
+    for streams in sorted({pt["streams"] for pt in points}):
+        mine = [pt for pt in points if pt["streams"] == streams]
+        for name, g_key, l_key in (("ttft_p50", "ttft_p50_ms", "ttft_p50_ms"), ("e2e_p50", "e2e_p50_ms", "e2e_p50_ms"),
+                                   ("tpot_p50", "itl_p50_ms", "tpot_p50_ms"),  # the same definition (notes)
+                                   ("throughput", "throughput_tok_s", "throughput_tok_s")):
+            ratios[f"guidellm_over_loadgen_{name}_c{streams}"] = sum(
+                pt["guidellm"][g_key] / pt["loadgen"][l_key] for pt in mine) / len(mine)
+    return {
+        "name": "guidellm_vs_loadgen", "model": "smollm2-135m (float32, cpu)", "dtype": "float32", "device": "cpu",
+        "settings": {
+            "versions": {"guidellm": version, "python": sys.version.split()[0]},
+            "endpoint": "/v1/chat/completions (streamed)", "profile": "closed loop, N concurrent streams",
+            "requests_per_point": requests,
+            "prompt_tokens": f"{PROMPT_TOKENS} synthetic (GuideLLM's; loadgen reuses the prompts GuideLLM sent, "
+                             "drawn at random)",
+            "output_tokens": OUTPUT_TOKENS, "ignore_eos": True,
+            "temperature": "1.0 (the server's default; GuideLLM sends none)",
+            "server": "python -m course_lib serve (defaults: max_batch 8, max_model_len 1024), "
+                      f"OMP_NUM_THREADS={server_threads}",
+            "clients": "one client at a time against the server, on the same machine; each point repeated with "
+                       "GuideLLM first, then loadgen first",
+            "notes": ["GuideLLM's TTFT/ITL/TPOT/E2E are medians over successful requests and its throughput the "
+                      "mean output tokens/s it reports; loadgen's are medians of its per-request metrics "
+                      "(course_lib.measure) and output tokens over the run's wall time.",
+                      "Both clients run on the same 2 cores as the server, so client overhead is in the numbers.",
+                      "Definitions differ: GuideLLM's time_per_output_token is E2E / output tokens (TTFT included); "
+                      "its inter_token_latency is (E2E - TTFT) / (output tokens - 1), which is what "
+                      "course_lib.measure calls TPOT (the tpot_p50 ratios compare those two). The course's ITL "
+                      "is the median gap between streamed chunks.",
+                      "GuideLLM's prompt_tokens (94) count the chat template around its 64 synthetic tokens."]},
+        "results": points, "ratios": ratios, "hardware": hardware_stamp().as_dict(),
+        "created": created or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "caveat": ("The machine's 2 CPU cores were shared with another engineer's work (notebooks executing) "
+                   "while this ran: treat the times as rough; compare the two clients within a point.")
+                  if shared_cores else "",
+        "reliable": True,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--guidellm", default="/tmp/guidellm-venv/bin/guidellm")
@@ -141,31 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             row = pt[client]
             print(f"{pt['streams']:>7} {pt['repeat']:>3} {client:>9} " + " ".join(
                 f"{fmt.format(row[c]) if row.get(c) is not None else '-':>16}" for c, fmt in columns))
-    stamp = hardware_stamp().as_dict()
-    record = {
-        "name": "guidellm_vs_loadgen", "model": "smollm2-135m (float32, cpu)", "hardware": stamp,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"guidellm": version, "openai_server": "course_lib.server", "python": sys.version.split()[0]},
-        "settings": {"endpoint": "/v1/chat/completions (streamed)", "profile": "closed loop, N concurrent streams",
-                     "requests_per_point": args.requests, "prompt_tokens": f"{PROMPT_TOKENS} synthetic (GuideLLM's; "
-                     "loadgen reuses the prompts GuideLLM sent, drawn at random)", "output_tokens": OUTPUT_TOKENS,
-                     "ignore_eos": True, "temperature": "1.0 (the server's default; GuideLLM sends none)",
-                     "server": f"python -m course_lib serve (defaults: max_batch 8, max_model_len 1024), "
-                               f"OMP_NUM_THREADS={args.server_threads}",
-                     "clients": "each client ran alone against the server, GuideLLM first, on the same machine"},
-        "points": points,
-        "notes": ["GuideLLM's TTFT/ITL/TPOT/E2E are medians over successful requests; throughput is its mean "
-                  "output tokens/s; loadgen's are medians of its per-request metrics (course_lib.measure) and "
-                  "output tokens over the run's wall time.",
-                  "Both clients run on the same 2 cores as the server, so client overhead is in the numbers.",
-                  "Definitions differ: GuideLLM's time_per_output_token is E2E / output tokens (TTFT included); "
-                  "its inter_token_latency is (E2E - TTFT) / (output tokens - 1), which is what course_lib.measure "
-                  "calls TPOT. The course's ITL is the median gap between streamed chunks.",
-                  "GuideLLM's prompt_tokens (94) count the chat template around its 64 synthetic tokens."],
-        "caveat": ("The machine's 2 CPU cores were shared with another engineer's work while this ran: treat "
-                   "the times as rough and compare the two clients' numbers within a point, not across runs.")
-                  if args.shared_cores else "The machine was otherwise idle, as far as this script knows.",
-    }
+    record = build_record(points, version, args.requests, args.server_threads, args.shared_cores)
     Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.json}")
     return 0
