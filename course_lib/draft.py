@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from course_lib.paths import data_path
-from course_lib.transformer import Block, ModelConfig, RMSNorm, RotaryEmbedding, Transformer
+from course_lib.transformer import Block, ModelConfig, RMSNorm, RotaryEmbedding, Transformer, unfused_state_dict
 
 # Shape letters: B batch, T tokens, C hidden size, K head vocabulary, V full vocabulary.
 
@@ -90,11 +90,12 @@ class DraftModel(nn.Module):
         return hidden @ self.head_weight.T
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, kv_cache=None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, V), -inf outside the head vocabulary."""
+                mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, V), -inf outside the head vocabulary (last_only: (B, 1, V))."""
         if mask is not None:
             raise ValueError("DraftModel does not take an attention mask (batch-1 speculation only)")
-        sub = self.head_logits(self.hidden(tokens, input_pos, kv_cache))  # (B, T, K)
+        hidden = self.hidden(tokens, input_pos, kv_cache)  # (B, T, C)
+        sub = self.head_logits(hidden[:, -1:] if last_only else hidden)  # (B, T or 1, K)
         logits = sub.new_full((*sub.shape[:-1], self.embed_weight.shape[0]), float("-inf"))  # (B, T, V)
         return logits.index_copy_(-1, self.head_ids, sub)
 
@@ -109,7 +110,7 @@ def init_from_target(target: Transformer, config: DraftConfig, head_ids: torch.T
     ref = target.embed_tokens.weight
     draft = draft.to(device=ref.device, dtype=ref.dtype)
     for mine, theirs in zip(draft.layers, config.init_layers):
-        mine.load_state_dict(target.layers[theirs].state_dict())
+        mine.load_state_dict(unfused_state_dict(target.layers[theirs]))  # the target's blocks may be fused
     draft.norm.load_state_dict(target.norm.state_dict())
     return draft
 

@@ -10,6 +10,8 @@ Memory: 2 (K and V) x layers x KV heads x head dim x tokens x bytes per value, p
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -89,10 +91,18 @@ class KVCache:
 
 def prefill(model, input_ids: torch.Tensor, cache: KVCache, start_pos: int = 0) -> torch.Tensor:
     """Run a prompt chunk (B, T) at positions start_pos.. through the model, filling the cache;
-    return the last position's logits (B, V)."""
+    return the last position's logits (B, V). Only that position goes through the output head
+    (last_only): the others' logits would be thrown away, and the head is the largest matmul."""
     T = input_ids.shape[1]
     input_pos = torch.arange(start_pos, start_pos + T, device=input_ids.device)  # (T,)
-    return model(input_ids, input_pos, kv_cache=cache)[:, -1, :]
+    if _takes_last_only(type(model)):
+        return model(input_ids, input_pos, kv_cache=cache, last_only=True)[:, -1, :]
+    return model(input_ids, input_pos, kv_cache=cache)[:, -1, :]  # any other model that speaks the cache hook
+
+
+@functools.cache
+def _takes_last_only(model_type: type) -> bool:
+    return "last_only" in inspect.signature(model_type.forward).parameters
 
 
 def decode_step(model, token: torch.Tensor, input_pos: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -128,14 +128,16 @@ class DraftProposer:
     depend on the context, never on the drawn guess, or the guesses kept would not follow q."""
 
     def __init__(self, draft, sampling: SamplingConfig = SamplingConfig(), generator: torch.Generator | None = None,
-                 static: bool = False, min_confidence: float = 0.0):
+                 static: bool | None = None, min_confidence: float = 0.0):
         if not 0 <= min_confidence < 1:
             raise ValueError(f"min_confidence must be in [0, 1), got {min_confidence!r}")
-        self.draft, self.sampling, self.generator, self.static = draft, sampling, generator, static
+        self.draft, self.sampling, self.generator = draft, sampling, generator
         self.min_confidence = min_confidence
         self.cache: KVCache | None = None
         self.filled = 0  # cache positions 0..filled-1 hold the current sequence's keys/values
         self.device = next(draft.parameters()).device
+        # static=None: a static cache off the CPU (no host sync per layer, fixed shapes), as stream_cached picks
+        self.static = self.device.type != "cpu" if static is None else static
 
     def reset(self, max_len: int) -> None:
         """Start a new sequence; (re)allocate the cache only when it is too short (a static cache
@@ -240,8 +242,8 @@ def stream_speculative(target, input_ids: torch.Tensor, max_new_tokens: int, pro
     needed = input_ids.shape[1] + max_new_tokens + gamma
     if target_cache is not None and target_cache.max_len < needed:
         raise ValueError(f"target_cache holds {target_cache.max_len} positions; this run needs {needed}")
-    if target_cache is None:
-        target_cache = KVCache.for_model(target, needed)
+    if target_cache is None:  # static off the CPU: a sliced cache reads a position back every layer (a sync)
+        target_cache = KVCache.for_model(target, needed, static=next(target.parameters()).device.type != "cpu")
     proposer.reset(needed)
     return _stream(target, input_ids, max_new_tokens, proposer, gamma, sampling, frozenset(stop_ids), generator,
                    stats if stats is not None else SpecStats(), target_cache)

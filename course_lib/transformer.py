@@ -149,52 +149,138 @@ def attention_mask(input_pos: torch.Tensor, num_keys: int | None = None,
     return allowed | ~allowed.any(dim=-1, keepdim=True)
 
 
+# F.scaled_dot_product_attention reads grouped key/value heads in place from torch 2.5 (enable_gqa);
+# older versions get copies made by repeat_kv.
+SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def fuse_linears(linears: list[nn.Linear]) -> nn.Linear:
+    """One nn.Linear whose output rows are the given layers' rows, stacked: the same products in one
+    matmul (one weight read, one kernel launch instead of len(linears))."""
+    w = linears[0].weight
+    fused = nn.Linear(w.shape[1], sum(m.out_features for m in linears), bias=linears[0].bias is not None,
+                      device="meta")  # no init: the weights are copied in below
+    fused.weight = nn.Parameter(torch.cat([m.weight.detach() for m in linears]), requires_grad=w.requires_grad)
+    if fused.bias is not None:
+        fused.bias = nn.Parameter(torch.cat([m.bias.detach() for m in linears]), requires_grad=w.requires_grad)
+    return fused
+
+
+def linear_rows(fused: nn.Module, sizes: tuple[int, ...], index: int, name: str) -> nn.Linear:
+    """A read-only nn.Linear over part `index` of a fused layer's rows (a view: no copy)."""
+    if not isinstance(fused, nn.Linear):
+        raise AttributeError(f"{name} was fused and the fused layer is now {type(fused).__name__}: read its rows "
+                             f"{sizes} instead")
+    start = sum(sizes[:index])
+    part = nn.Linear(fused.in_features, sizes[index], bias=fused.bias is not None, device="meta")
+    part.weight = nn.Parameter(fused.weight[start:start + sizes[index]], requires_grad=False)
+    if fused.bias is not None:
+        part.bias = nn.Parameter(fused.bias[start:start + sizes[index]], requires_grad=False)
+    return part
+
+
 class Attention(nn.Module):
-    """Grouped-query self-attention with RoPE and a hook for a KV cache."""
+    """Grouped-query self-attention with RoPE and a hook for a KV cache.
+
+    Built with the checkpoint's q_proj, k_proj, v_proj; fuse() stacks them into one qkv_proj
+    (rows split qkv_split). Fused, q_proj & co. still read, as views of qkv_proj's rows."""
+
+    PARTS = ("q_proj", "k_proj", "v_proj")
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx  # the KV cache keeps one slot per layer
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         C, H, KV, D = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        self.qkv_split = (H * D, KV * D, KV * D)  # output rows of q, k, v (stacked in qkv_proj once fused)
         self.q_proj = nn.Linear(C, H * D, bias=config.qkv_bias)
         self.k_proj = nn.Linear(C, KV * D, bias=config.qkv_bias)
         self.v_proj = nn.Linear(C, KV * D, bias=config.qkv_bias)
         self.o_proj = nn.Linear(H * D, C, bias=False)
 
+    @property
+    def fused(self) -> bool:
+        return "qkv_proj" in self._modules
+
+    def fuse(self) -> None:
+        """Replace q_proj, k_proj, v_proj by qkv_proj: one (H + 2 KV) * D x C matmul instead of three."""
+        if not self.fused:
+            self.qkv_proj = fuse_linears([self._modules[n] for n in self.PARTS])
+            for n in self.PARTS:
+                del self._modules[n]
+
+    def __getattr__(self, name: str):
+        if name in Attention.PARTS and "qkv_proj" in self._modules:
+            return linear_rows(self._modules["qkv_proj"], self.qkv_split, Attention.PARTS.index(name), name)
+        return super().__getattr__(name)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
                 kv_cache=None, mask: torch.Tensor | None = None, masks: dict | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        if self.fused:
+            q, k, v = self.qkv_proj(x).split(self.qkv_split, dim=-1)  # (B, T, H*D), (B, T, KV*D) x2: views
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, input_pos, k, v)  # (B, KV, S, D), keys at 0..S-1
+        allowed = None
+        # One query at position p on a cache that returns only positions 0..p (a KVCache with
+        # static=False) may see every key: no mask to build. Otherwise the causal rule needs one.
         # Every layer of one forward sees the same positions, so the mask is built once and shared
         # through `masks` (keyed by the number of keys S); without it each layer builds its own.
-        allowed = None if masks is None else masks.get(k.shape[2])
-        if allowed is None:
-            allowed = attention_mask(input_pos, k.shape[2] if kv_cache is not None else None, mask)
-            if masks is not None:
-                masks[k.shape[2]] = allowed
-        k, v = repeat_kv(k, self.num_heads // self.num_kv_heads), repeat_kv(v, self.num_heads // self.num_kv_heads)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # (B, H, T, D)
+        if not (T == 1 and mask is None and input_pos.dim() == 1 and getattr(kv_cache, "static", True) is False):
+            allowed = None if masks is None else masks.get(k.shape[2])
+            if allowed is None:
+                allowed = attention_mask(input_pos, k.shape[2] if kv_cache is not None else None, mask)
+                if masks is not None:
+                    masks[k.shape[2]] = allowed
+        if SDPA_HAS_GQA:  # each group of H/KV query heads reads its key/value head in place
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)  # (B, H, T, D)
+        else:
+            group = self.num_heads // self.num_kv_heads
+            y = F.scaled_dot_product_attention(q, repeat_kv(k, group), repeat_kv(v, group), attn_mask=allowed)
         y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y)
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)). fuse() stacks gate_proj and up_proj into gate_up_proj."""
+
+    PARTS = ("gate_proj", "up_proj")
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        self.gate_up_split = (config.intermediate_size, config.intermediate_size)  # rows of gate, up when fused
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
+    @property
+    def fused(self) -> bool:
+        return "gate_up_proj" in self._modules
+
+    def fuse(self) -> None:
+        """Replace gate_proj, up_proj by gate_up_proj: one 2F x C matmul instead of two."""
+        if not self.fused:
+            self.gate_up_proj = fuse_linears([self._modules[n] for n in self.PARTS])
+            for n in self.PARTS:
+                del self._modules[n]
+
+    def __getattr__(self, name: str):
+        if name in MLP.PARTS and "gate_up_proj" in self._modules:
+            return linear_rows(self._modules["gate_up_proj"], self.gate_up_split, MLP.PARTS.index(name), name)
+        return super().__getattr__(name)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused:
+            gate, up = self.gate_up_proj(x).split(self.gate_up_split, dim=-1)  # (B, T, F) x2: views
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -206,6 +292,11 @@ class Block(nn.Module):
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
+
+    def fuse(self) -> None:
+        """Fuse the attention's q/k/v and the MLP's gate/up projections (see Attention.fuse)."""
+        self.self_attn.fuse()
+        self.mlp.fuse()
 
     def forward(self, x, cos, sin, input_pos, kv_cache=None, mask=None, masks=None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, kv_cache, mask, masks)
@@ -227,8 +318,9 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight  # one matrix, two uses
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, kv_cache=None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, T), input_pos (T,) or (B, T) (default arange(T)) -> logits (B, T, V)."""
+                mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """tokens (B, T), input_pos (T,) or (B, T) (default arange(T)) -> logits (B, T, V), or with
+        last_only the last position's logits (B, 1, V): all a prefill needs, for 1/T of the head's work."""
         if tokens.dim() != 2 or tokens.shape[1] == 0:
             raise ValueError(f"tokens must be (B, T) with T >= 1, got shape {tuple(tokens.shape)}")
         B, T = tokens.shape
@@ -238,22 +330,40 @@ class Transformer(nn.Module):
             input_pos = torch.arange(T, device=tokens.device)
         if input_pos.shape not in ((T,), (B, T)):
             raise ValueError(f"input_pos must be ({T},) or ({B}, {T}), got {tuple(input_pos.shape)}")
-        # Checking values needs them on the host: free on CPU, a sync per step on a GPU (skipped).
-        if input_pos.device.type == "cpu" and int(input_pos.max()) >= self.config.max_position:
+        # Checking values needs them on the host: free on CPU, a sync per step on a GPU (skipped),
+        # and a graph break for torch.compile (skipped while compiling).
+        check = input_pos.device.type == "cpu" and not torch.compiler.is_compiling()
+        if check and int(input_pos.max()) >= self.config.max_position:
             raise ValueError(f"position {int(input_pos.max())} >= max_position={self.config.max_position}")
         cos, sin = self.rope(input_pos)  # (T, D) or (B, T, D)
         x = self.embed_tokens(tokens)  # (B, T, C)
         masks: dict = {}  # the attention mask, built by the first layer, shared by the others
         for layer in self.layers:
             x = layer(x, cos, sin, input_pos, kv_cache, mask, masks)
-        return self.lm_head(self.norm(x))  # (B, T, V)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C): the head (V x C, the largest matmul) runs for one position
+        return self.lm_head(self.norm(x))  # (B, T or 1, V)
+
+    @property
+    def fused(self) -> bool:
+        """True when q/k/v and gate/up run as one matmul each (fuse_projections, done by from_hf)."""
+        return all(layer.self_attn.fused and layer.mlp.fused for layer in self.layers)
+
+    def fuse_projections(self) -> Transformer:
+        """Fuse every block's q/k/v and gate/up projections in place (same function, fewer matmuls)."""
+        for layer in self.layers:
+            layer.fuse()
+        return self
 
     def num_parameters(self) -> int:
         """Parameter count; the tied embedding/head matrix counts once."""
         return sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
 
     def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Copy a transformers Llama/Qwen2 state dict in: the key mapping is dropping 'model.'."""
+        """Copy a transformers Llama/Qwen2 state dict in: the key mapping is dropping 'model.'.
+        Takes an unfused model (fuse_projections afterwards, as from_hf does)."""
+        if any(layer.self_attn.fused or layer.mlp.fused for layer in self.layers):
+            raise ValueError("load_hf_state_dict takes an unfused model: load first, then fuse_projections()")
         sd = {k.removeprefix("model."): v for k, v in state_dict.items() if "rotary_emb" not in k}
         if self.config.tie_embeddings:
             sd.pop("lm_head.weight", None)  # the same tensor as embed_tokens.weight
@@ -261,8 +371,9 @@ class Transformer(nn.Module):
         self.load_state_dict(sd, strict=True)
 
     @classmethod
-    def from_hf(cls, hf_model: nn.Module) -> Transformer:
-        """A Transformer holding a copy of a transformers model's weights, same dtype and device."""
+    def from_hf(cls, hf_model: nn.Module, fused: bool = True) -> Transformer:
+        """A Transformer holding a copy of a transformers model's weights, same dtype and device;
+        fused=True (the default) stacks q/k/v and gate/up into one matmul each at load time."""
         config = ModelConfig.from_hf(hf_model.config)
         ref = next(hf_model.parameters())
         with torch.device("meta"):  # no memory and no random init: every weight is copied in below
@@ -273,7 +384,25 @@ class Transformer(nn.Module):
         model.rope.reset()
         model = model.to(ref.dtype)
         model.load_hf_state_dict(hf_model.state_dict())
-        return model.eval()
+        return (model.fuse_projections() if fused else model).eval()
+
+
+def unfused_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """module.state_dict() in the checkpoint's layout: every fused qkv_proj / gate_up_proj split back
+    into q_proj, k_proj, v_proj / gate_proj, up_proj (views, no copies)."""
+    sd = module.state_dict()
+    for name, m in module.named_modules():
+        fused, split = {Attention: ("qkv_proj", "qkv_split"), MLP: ("gate_up_proj", "gate_up_split")}.get(
+            type(m), (None, None))
+        if fused is None or fused not in m._modules:
+            continue
+        prefix = f"{name}." if name else ""
+        for kind in ("weight", "bias"):
+            t = sd.pop(f"{prefix}{fused}.{kind}", None)
+            if t is not None:
+                for part, rows in zip(m.PARTS, t.split(getattr(m, split))):
+                    sd[f"{prefix}{part}.{kind}"] = rows
+    return sd
 
 
 def parameter_counts(config: ModelConfig) -> dict[str, int]:

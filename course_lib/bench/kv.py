@@ -6,6 +6,17 @@ The naive loop over 256 new tokens takes minutes on a laptop CPU, so its time is
 from measured steps: one naive step at context c is one full forward over c tokens, and it is
 timed at a few contexts spanning the run; the steps in between are interpolated linearly.
 The estimate is checked against a real naive run over the first tokens (both are reported).
+
+Ratios (> 1 means the course's loop is ahead, except the roofline fraction):
+    kv_speedup_256             cached loop / naive loop, output tok/s over 256 new tokens
+    engine_vs_hf_decode        cached loop / transformers' generate, decode tok/s (median, same
+                               prompt, same 128 greedy tokens, runs alternating in order)
+    prefix_cache_ttft_speedup  TTFT without / with the system prompt's keys cached
+    prefill_ttft_vs_hf         transformers' TTFT / the course's for the same 500-token prompt (a
+                               speed ratio: > 1 means the course's prefill is faster; the issue's
+                               "course prefill time / transformers'" read as speed)
+    cached_roofline_fraction   the decode tok/s of the engine_vs_hf_decode runs / the memory-bandwidth
+                               ceiling at their mean context (bandwidth measured in the same process)
 """
 
 from __future__ import annotations
@@ -140,7 +151,7 @@ def kv_suite(ctx: BenchContext) -> SuiteResult:
     """Cached vs naive (256 new tokens), cached vs transformers' generate, prefix-cache TTFT, roofline."""
     model, device, reps = Transformer.from_hf(ctx.model), ctx.device, ctx.sizes.repeats
     ids = chat_input_ids(ctx.tokenizer, load_prompts(1)[0])
-    T, N, N_HF, N_CHECK = ids.shape[1], 256, 128, 16
+    T, N, N_HF, N_CHECK, N_PREFILL = ids.shape[1], 256, 128, 16, 500
     stream_cached(model, ids, 8).__next__()  # warm-up
     # 1. cached vs naive over 256 new tokens after a short prompt
     cached_256, m256 = time_stream(lambda: stream_cached(model, ids, N), device)
@@ -152,14 +163,18 @@ def kv_suite(ctx: BenchContext) -> SuiteResult:
         naive_est, how = time_stream(lambda: stream_naive(model, ids, N), device)[1].e2e_s, "measured (E2E)"
     else:
         how = f"estimated from naive steps timed at contexts {sorted(steps)}"
-    # 2. cached loop vs transformers' generate, decode tokens/s (alternating, median)
+    # 2. cached loop vs transformers' generate, decode tokens/s: same prompt, same greedy tokens,
+    # both warmed up, runs alternating (which goes first alternates too), medians
     run_hf_generate(ctx.model, ids, 4, device)
     ours, hf, same = [], [], True
-    for _ in range(max(2, reps - 1)):
-        toks, m = time_stream(lambda: stream_cached(model, ids, N_HF), device)
-        ours.append(m.decode_tokens_per_s)
-        hf_toks, m = run_hf_generate(ctx.model, ids, N_HF, device)
-        hf.append(m.decode_tokens_per_s)
+    for i in range(max(2, reps - 1)):
+        for who in (("ours", "hf") if i % 2 == 0 else ("hf", "ours")):
+            if who == "ours":
+                toks, m = time_stream(lambda: stream_cached(model, ids, N_HF), device)
+                ours.append(m.decode_tokens_per_s)
+            else:
+                hf_toks, m = run_hf_generate(ctx.model, ids, N_HF, device)
+                hf.append(m.decode_tokens_per_s)
         same &= toks == hf_toks
     # 3. prefix caching: TTFT with a >= 500-token system prompt cached vs not
     system = long_system_prompt(ctx.tokenizer, 500)
@@ -169,9 +184,20 @@ def kv_suite(ctx: BenchContext) -> SuiteResult:
     cache.add(model, prefix)
     ttft_cold = statistics.median(_time_prefill(model, q, None, device, reps) for q in questions)
     ttft_warm = statistics.median(_time_prefill(model, q, cache, device, reps) for q in questions)
+    # 3b. prefill vs transformers: TTFT of one 500-token prompt through each library's own call
+    long_ids = questions[0][:, :N_PREFILL]
+    ttft_ours, ttft_hf = [], []
+    stream_cached(model, long_ids, 1).__next__()
+    run_hf_generate(ctx.model, long_ids, 1, device)  # warm-up at this shape
+    for i in range(reps):
+        for who in (("ours", "hf") if i % 2 == 0 else ("hf", "ours")):
+            if who == "ours":
+                ttft_ours.append(time_stream(lambda: stream_cached(model, long_ids, 1), device)[1].ttft_s)
+            else:
+                ttft_hf.append(run_hf_generate(ctx.model, long_ids, 1, device)[1].ttft_s)
     # 4. the roofline: bandwidth / (weights + KV bytes at the mean context)
     bandwidth = measure_bandwidth(device, repeats=reps + 2)
-    ceiling = model_decode_ceiling(ctx.info, bandwidth, T + N // 2)
+    ceiling = model_decode_ceiling(ctx.info, bandwidth, T + N_HF // 2)
     cached_tok_s, naive_tok_s = N / m256.e2e_s, N / naive_est
     rows = [
         {"measure": f"cached loop, {N} new tokens", "value": cached_tok_s, "unit": "tok/s", "how": "measured (E2E)"},
@@ -186,19 +212,30 @@ def kv_suite(ctx: BenchContext) -> SuiteResult:
          "unit": "ms", "how": "measured, median"},
         {"measure": f"TTFT, {prefix.shape[1]}-token prefix cached", "value": ttft_warm * 1e3, "unit": "ms",
          "how": "measured, median"},
+        {"measure": f"TTFT, {long_ids.shape[1]}-token prompt, course loop", "value": statistics.median(ttft_ours) * 1e3,
+         "unit": "ms", "how": "measured, median"},
+        {"measure": f"TTFT, {long_ids.shape[1]}-token prompt, transformers generate",
+         "value": statistics.median(ttft_hf) * 1e3, "unit": "ms", "how": "measured, median"},
         {"measure": "memory bandwidth (copy)", "value": bandwidth, "unit": "GB/s", "how": "measured"},
-        {"measure": f"decode ceiling at context {T + N // 2}", "value": ceiling, "unit": "tok/s",
+        {"measure": f"decode ceiling at context {T + N_HF // 2}", "value": ceiling, "unit": "tok/s",
          "how": "bandwidth / (weights + KV bytes)"},
     ]
     ratios = {"kv_speedup_256": cached_tok_s / naive_tok_s,
               "engine_vs_hf_decode": statistics.median(ours) / statistics.median(hf),
               "prefix_cache_ttft_speedup": ttft_cold / ttft_warm,
-              "cached_roofline_fraction": m256.decode_tokens_per_s / ceiling}
+              "prefill_ttft_vs_hf": statistics.median(ttft_hf) / statistics.median(ttft_ours),
+              "cached_roofline_fraction": statistics.median(ours) / ceiling}
     settings = {"prompt_tokens": T, "new_tokens_speedup": N, "new_tokens_vs_hf": N_HF, "batch": 1,
                 "sampling": "greedy", "system_prompt_tokens": prefix.shape[1],
                 "naive_estimate_check": f"{N_CHECK} real naive tokens took {m_naive.e2e_s:.2f} s, "
                                         f"estimate {check_est:.2f} s",
-                "greedy_tokens_identical_to_hf": same, "cached_256_tokens": len(cached_256)}
+                "greedy_tokens_identical_to_hf": same, "cached_256_tokens": len(cached_256),
+                "prefill_prompt_tokens": long_ids.shape[1],
+                "prefill_ttft_vs_hf": "transformers' median TTFT / the course's, same prompt, 1 new token, "
+                                      "runs alternating; > 1: the course's prefill is faster",
+                "cached_roofline_fraction": f"median decode tok/s of the {N_HF}-token runs / ceiling at context "
+                                            f"{T + N_HF // 2} (copy bandwidth, weights + KV bytes)",
+                "torch_threads": torch.get_num_threads()}
     if device.type == "cuda":
         cmp = compare_compiled_decode(model, ids, N_HF, repeats=reps)
         rows.append({"measure": "compiled decode (CUDA graphs)", "value": cmp["compiled_tok_s"], "unit": "tok/s",
