@@ -268,3 +268,60 @@ def test_cached_logit_gap_is_rounding_error_and_catches_a_wrong_cache(monkeypatc
     # a decode step that writes its token one position too far (a classic off-by-one) must show
     monkeypatch.setattr(kv_cache, "decode_step", lambda m, t, pos, c: real(m, t, pos + 1, c))
     assert cached_logit_gap(model, ids, tokens) > 1e-3
+
+
+# ---- the fast paths: last-position prefill, no mask for one query, a capturable decode step ------
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_last_position_prefill_gives_the_full_forwards_next_token(name):
+    """prefill runs the output head only for the last position; its logits are the full forward's
+    last row, and the next token is the same."""
+    model = tiny(name)
+    ids = prompt(37, seed=5)
+    with torch.inference_mode():
+        full = model(ids)[:, -1]  # (1, V): the head over every position, keep the last
+        got = prefill(model, ids, KVCache.for_model(model, 40))
+    assert got.shape == full.shape
+    assert (got - full).abs().max() <= 1e-4
+    assert torch.equal(got.argmax(-1), full.argmax(-1))
+
+
+def test_sliced_and_static_caches_give_the_same_decode_logits():
+    """A sliced cache's single query sees every key it returns, so it runs without a mask; a static
+    cache returns unwritten positions too, and its mask hides them. Both match the full forward."""
+    model = tiny("smollm2")
+    ids = prompt(24, seed=6)
+    with torch.inference_mode():
+        full = model(ids)
+        out = {}
+        for static in (False, True):
+            cache = KVCache.for_model(model, 32, static=static)
+            prefill(model, ids[:, :16], cache)
+            out[static] = torch.cat([decode_step(model, ids[:, t:t + 1], torch.tensor([t]), cache)
+                                     for t in range(16, 24)])  # (8, V)
+    assert (out[False] - full[0, 16:]).abs().max() <= 1e-4
+    assert (out[True] - full[0, 16:]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["smollm2", "qwen2"])
+def test_decode_step_compiles_as_one_graph(name):
+    """What CUDA graphs need, checked on the CPU: torch.compile(fullgraph=True) traces the whole
+    decode step (fused projections, grouped attention, static cache write, mask) without a graph
+    break - it raises on any - and the traced step gives the eager step's logits."""
+    model = tiny(name)
+    ids = prompt(10, seed=7)
+    caches = [KVCache.for_model(model, 16, static=True) for _ in range(2)]
+    step = torch.compile(decode_step, backend="eager", fullgraph=True)
+    try:
+        with torch.inference_mode():
+            for cache in caches:
+                prefill(model, ids, cache)
+            token, pos = torch.tensor([[5]]), torch.tensor([10])
+            eager = decode_step(model, token, pos, caches[0])
+            traced = step(model, token, pos, caches[1])
+            traced_next = step(model, token, pos + 1, caches[1])  # same shapes: no retrace needed
+    finally:
+        torch._dynamo.reset()
+    assert (traced - eager).abs().max() <= 1e-5
+    assert torch.isfinite(traced_next).all()
+    assert torch.equal(caches[0].k[:, :, :, :11], caches[1].k[:, :, :, :11])

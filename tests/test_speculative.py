@@ -411,3 +411,18 @@ def test_every_target_gets_a_draft_of_its_shape():
         assert draft.layers[0].self_attn.q_proj.weight.shape[1] == target.config.hidden_size
     assert draft_label("smollm2-135m") .startswith("the course's distilled")
     assert draft_label("smollm2-1.7b") == "smollm2-135m"
+
+
+def test_static_caches_as_on_a_gpu_give_the_same_greedy_tokens():
+    """Off the CPU both speculative caches are static (fixed shapes, no position read back per layer);
+    forced here on the CPU, the tokens equal plain decoding's, rejections and rollbacks included."""
+    target = tiny_transformer()
+    draft = noisy_copy(target, 0.05)
+    assert DraftProposer(draft).static is False  # the CPU default: sliced
+    for seed in range(3):
+        ids = torch.randint(0, 64, (1, 6 + seed), generator=torch.Generator().manual_seed(seed))
+        ref = generate_cached(target, ids, 24)
+        proposer = DraftProposer(draft, static=True)
+        cache = KVCache.for_model(target, ids.shape[1] + 24 + 4, static=True)
+        out, stats = generate_speculative(target, ids, 24, proposer, 4, target_cache=cache)
+        assert out == ref and proposer.cache.static and min(stats.accepted) < 4

@@ -249,3 +249,85 @@ def test_bad_input_raises():
         ModelConfig(100, 64, 1, num_heads=4, num_kv_heads=3, head_dim=16, intermediate_size=128)
     with pytest.raises(ValueError, match="rope_type"):
         ModelConfig.from_hf(LlamaConfig(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}))
+
+
+# ---- fused projections (built at load time by from_hf) -------------------------------------------
+
+@pytest.mark.parametrize("name", FAMILIES_TESTED)
+def test_fused_and_unfused_models_match_transformers(name):
+    """from_hf fuses q/k/v and gate/up into one matmul each; both layouts compute transformers' logits,
+    and the fused layer's rows are transformers' q, k, v (gate, up) weights in that order."""
+    hf = tiny_hf(name)
+    fused, plain = Transformer.from_hf(hf), Transformer.from_hf(hf, fused=False)
+    assert fused.fused and not plain.fused
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        for ours in (fused, plain):
+            diff = (ours(ids) - ref).abs().max().item()
+            assert diff <= TOL, f"{name}, fused={ours.fused}: max abs logit diff {diff:.2e}"
+    attn, mlp, hf_attn, hf_mlp = fused.layers[1].self_attn, fused.layers[1].mlp, hf.model.layers[1].self_attn, hf.model.layers[1].mlp
+    assert set(attn._modules) == {"qkv_proj", "o_proj"} and set(mlp._modules) == {"gate_up_proj", "down_proj"}
+    assert torch.equal(attn.qkv_proj.weight, torch.cat([hf_attn.q_proj.weight, hf_attn.k_proj.weight, hf_attn.v_proj.weight]))
+    assert attn.qkv_proj.weight.shape[0] == sum(attn.qkv_split) == hf_attn.q_proj.out_features + 2 * hf_attn.k_proj.out_features
+    assert torch.equal(mlp.gate_up_proj.weight, torch.cat([hf_mlp.gate_proj.weight, hf_mlp.up_proj.weight]))
+    # the checkpoint's names still read, as views of the fused rows
+    assert torch.equal(attn.k_proj.weight, hf_attn.k_proj.weight) and torch.equal(mlp.up_proj.weight, hf_mlp.up_proj.weight)
+    assert attn.v_proj.weight.data_ptr() != hf_attn.v_proj.weight.data_ptr()  # ours, not transformers'
+    if name == "qwen2":
+        assert torch.equal(attn.v_proj.bias, hf_attn.v_proj.bias)
+    assert fused.num_parameters() == plain.num_parameters() == sum(p.numel() for p in hf.parameters())
+
+
+@pytest.mark.parametrize("name", FAMILIES_TESTED)
+def test_unfused_state_dict_is_the_checkpoint_layout(name):
+    from course_lib.transformer import unfused_state_dict
+
+    hf = tiny_hf(name)
+    sd = unfused_state_dict(Transformer.from_hf(hf))
+    ref = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
+    assert set(sd) == set(ref)
+    assert all(torch.equal(sd[k], ref[k]) for k in ref)
+    with pytest.raises(ValueError, match="unfused"):
+        Transformer.from_hf(hf).load_hf_state_dict(hf.state_dict())
+
+
+def test_fused_model_keeps_its_logits_quantized_like_the_unfused_one():
+    """quantize_model swaps nn.Linear layers by name: a fused qkv_proj becomes one QuantLinear, and with
+    per-row scales (codes per output row) it holds exactly the codes of the three separate layers."""
+    from course_lib.quant import INT8, QuantLinear, quantize_model
+
+    hf = tiny_hf("qwen2")
+    fused = quantize_model(Transformer.from_hf(hf), INT8)
+    plain = quantize_model(Transformer.from_hf(hf, fused=False), INT8)
+    attn, ref = fused.layers[0].self_attn, plain.layers[0].self_attn
+    assert isinstance(attn.qkv_proj, QuantLinear) and isinstance(fused.layers[0].mlp.gate_up_proj, QuantLinear)
+    assert torch.equal(attn.qkv_proj.codes, torch.cat([ref.q_proj.codes, ref.k_proj.codes, ref.v_proj.codes]))
+    ids = torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        assert (fused(ids) - plain(ids)).abs().max() <= TOL
+    with pytest.raises(AttributeError, match="fused"):
+        attn.q_proj
+
+
+def test_gqa_without_copies_equals_repeat_kv(monkeypatch):
+    """enable_gqa reads each key/value head in place; the fallback for torch < 2.5 copies it per
+    query head (repeat_kv): the same attention."""
+    import course_lib.transformer as transformer
+
+    ours = Transformer.from_hf(tiny_hf("smollm2"))  # 9 query heads share 3 KV heads
+    ids = torch.randint(0, 300, (2, 30), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        in_place = ours(ids)
+        monkeypatch.setattr(transformer, "SDPA_HAS_GQA", False)
+        copied = ours(ids)
+    assert (in_place - copied).abs().max() <= TOL
+
+
+def test_last_only_gives_the_last_row_of_the_full_forward():
+    ours = Transformer.from_hf(tiny_hf("smollm2"))
+    ids = torch.randint(0, 300, (2, 25), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        full, last = ours(ids), ours(ids, last_only=True)
+    assert last.shape == (2, 1, ours.config.vocab_size)
+    assert (last[:, 0] - full[:, -1]).abs().max() <= TOL
