@@ -210,7 +210,37 @@ class QuantLinear(nn.Module):
         """The stored weight as a QuantizedTensor (a view of the buffers, no copy)."""
         return QuantizedTensor(self.codes, self.scale, self.zero, (self.out_features, self.in_features), self.scheme)
 
+    kernel: str = "reference"  # "reference" (PyTorch ops, below), "int4pack" or "triton" (course_lib.kernels)
+
+    def use_kernel(self, kernel: str) -> QuantLinear:
+        """Run the matmul with a fused int4 kernel of course_lib.kernels ("int4pack": torch's CPU
+        kernel, bf16 compute; "triton": the course's kernel) or the PyTorch-ops "reference"; raises
+        ValueError with the reason when the kernel cannot take this layer here."""
+        from course_lib import kernels
+
+        self._fused = None
+        if kernel == "int4pack":
+            self._fused = kernels.Int4PackCPU(self.qweight)  # raises with the reason
+        elif kernel == "triton":
+            reason = kernels.triton_unavailable(self.codes.device) or (
+                None if self.scheme.bits == 4 and self.scheme.granularity == "group" else "it takes int4 with groups")
+            if reason:
+                raise ValueError(f"the Triton kernel cannot take this layer: {reason}")
+            self._fused = kernels.int4_offsets(self.qweight)  # (R, G) fp32 offsets: fp16 would round -z * s
+        elif kernel != "reference":
+            raise ValueError(f"kernel must be 'reference', 'int4pack' or 'triton', got {kernel!r}")
+        self.kernel = kernel
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel != "reference":  # a fused kernel: dequantizes inside the matmul
+            if self.kernel == "triton":
+                from course_lib.kernels import int4_matmul_triton
+
+                y = int4_matmul_triton(x, self.qweight, self._fused)
+            else:
+                y = self._fused(x)
+            return y if self.bias is None else y + self.bias
         # On the fly: the whole float weight is rebuilt for every call, which costs time. Fused
         # kernels dequantize inside the matmul instead, so only the small codes cross memory.
         if self.scheme.symmetric and self.scheme.bits == 8 and self.scheme.granularity != "group" and wide_range(x.dtype):
@@ -257,6 +287,21 @@ def _head_name(model: nn.Module) -> str | None:
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def use_kernel(model: nn.Module, kernel: str) -> list[str]:
+    """Switch every QuantLinear of the model to `kernel` (see QuantLinear.use_kernel); returns the
+    names of the layers that took it. Raises ValueError naming the first layer that cannot: a model
+    never runs half on one kernel and half on another without saying so."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    for name, layer in layers:
+        try:
+            layer.use_kernel(kernel)
+        except ValueError as err:
+            for _, done in layers:
+                done.use_kernel("reference")
+            raise ValueError(f"layer {name}: {err}") from err
+    return [n for n, _ in layers]
 
 
 def quantize_model(model: nn.Module, scheme: QuantScheme, keep_head: bool = True, keep_embeddings: bool = True,

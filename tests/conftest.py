@@ -7,6 +7,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CPU tensors (tests/test_kernels.py);
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # it must be set before anything imports triton
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ from course_lib.kv_cache import stream_cached
 from course_lib.measure import RequestMetrics, time_stream
 from course_lib.models import PRESETS, RANDOM_SUFFIX, _default_checkpoint, parse_name
 from course_lib.quality import build_reference, evaluate, heldout_windows
-from course_lib.quant import INT4, INT8, QuantScheme, model_bytes, quantize_model
+from course_lib.quant import INT4, INT8, QuantLinear, QuantScheme, model_bytes, quantize_model, use_kernel
 from course_lib.transformer import Transformer
 
 BNB_KINDS = ("llm.int8", "nf4", "nf4-dq")
@@ -120,6 +120,19 @@ def linear_fp32_bytes(model: torch.nn.Module) -> int:
 Q4_1 = QuantScheme(bits=4, granularity="group", group_size=32, symmetric=False, float_zero=True)
 VARIANTS: dict[str, QuantScheme | None] = {"baseline": None, "int8": INT8, "int4": INT4, "int4_q41": Q4_1}
 TIMED = ("baseline", "int8", "int4")  # decode speed; int4_q41 decodes like int4
+
+
+def fused_int4_kernel(model: torch.nn.Module, device: torch.device) -> tuple[str | None, str]:
+    """The fused int4 kernel (course_lib.kernels) this device can run on every layer of an int4
+    model, and why: torch's packed CPU kernel on a CPU, the course's Triton kernel on a GPU."""
+    from course_lib import kernels
+
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    if device.type == "cpu":
+        reason = next((r for r in (kernels.int4pack_unavailable(m.qweight) for m in layers) if r), None)
+        return (None, reason) if reason else ("int4pack", "torch's packed int4 CPU kernel (bf16 compute)")
+    reason = kernels.triton_unavailable(device)
+    return (None, reason) if reason else ("triton", "the course's Triton int4 kernel (fp32 accumulation)")
 PPL_WINDOW = 512  # the whole held-out text in windows of 512 tokens
 
 
@@ -130,16 +143,23 @@ def quant_suite(ctx: BenchContext) -> SuiteResult:
     fp32_linear = linear_fp32_bytes(base)
     models = {name: base if scheme is None else quantize_model(copy.deepcopy(base), scheme)
               for name, scheme in VARIANTS.items()}
+    kernel, kernel_why = fused_int4_kernel(models["int4"], ctx.device)
+    if kernel:  # the same int4 weights through a fused kernel: its own quality (other rounding) and speed
+        models["int4_fused"] = copy.deepcopy(models["int4"])
+        use_kernel(models["int4_fused"], kernel)
     windows = heldout_windows(ctx.tokenizer, window=PPL_WINDOW, num_windows=None)
     reference = build_reference(base, ctx.tokenizer, load_prompts(ctx.num_prompts), windows)
     quality = {name: evaluate(model, reference) for name, model in models.items()}
     ids = chat_input_ids(ctx.tokenizer, load_prompts(1)[0])
-    speed = decode_speeds({name: models[name] for name in TIMED}, ids, ctx.new_tokens, ctx.device, ctx.sizes.repeats)
+    timed = TIMED + (("int4_fused",) if kernel else ())
+    speed = decode_speeds({name: models[name] for name in timed}, ids, ctx.new_tokens, ctx.device, ctx.sizes.repeats)
     rows = []
     for name, model in models.items():
         counted = model_bytes(model)
-        weight_bytes = counted.quantized_bytes if VARIANTS[name] else fp32_linear * base.lm_head.weight.element_size() // 4
-        rows.append({"variant": ctx.info.dtype if VARIANTS[name] is None else VARIANTS[name].label,
+        scheme = VARIANTS.get(name, INT4)
+        weight_bytes = counted.quantized_bytes if scheme else fp32_linear * base.lm_head.weight.element_size() // 4
+        label = ctx.info.dtype if scheme is None else scheme.label + (f", {kernel} kernel" if name == "int4_fused" else "")
+        rows.append({"variant": label,
                      "linear_mb": weight_bytes / 1e6, "total_mb": counted.total / 1e6,
                      **quality[name].as_dict(), "decode_tok_s": speed.get(name)})
     ppl = {name: q.perplexity for name, q in quality.items()}
@@ -147,12 +167,19 @@ def quant_suite(ctx: BenchContext) -> SuiteResult:
               for name in ("int8", "int4")}
     ratios.update({f"{name}_ppl_increase_pct": 100 * (ppl[name] / ppl["baseline"] - 1)
                    for name in ("int8", "int4", "int4_q41")})
-    ratios.update({f"{name}_decode_speed_ratio": speed[name] / speed["baseline"] for name in ("int8", "int4")})
+    ratios["int8_decode_speed_ratio"] = speed["int8"] / speed["baseline"]
+    # int4 through the fastest path this device has: a fused kernel where one runs, else PyTorch ops
+    ratios["int4_ops_decode_speed_ratio"] = speed["int4"] / speed["baseline"]
+    ratios["int4_decode_speed_ratio"] = speed["int4_fused" if kernel else "int4"] / speed["baseline"]
+    if kernel:
+        ratios["int4_fused_ppl_increase_pct"] = 100 * (ppl["int4_fused"] / ppl["baseline"] - 1)
     return SuiteResult(
         results=rows,
         ratios=ratios,
         settings={"baseline_dtype": ctx.info.dtype, "int8": INT8.label, "int4": INT4.label, "int4_q41": Q4_1.label,
                   "scale_dtype": "float16", "kept_in_float": "embedding, tied head, norms",
+                  "int4_kernel": kernel or "none (PyTorch ops)", "int4_kernel_why": kernel_why,
+                  "int4_decode_speed_ratio": "the fused kernel's int4 where one runs (see int4_kernel), else PyTorch ops",
                   "perplexity": f"{reference.windows.shape[0]} windows x {reference.windows.shape[1]} tokens "
                                 "of data/heldout.txt",
                   "agreement": f"{len(reference.sequences)} prompts, teacher-forced along the baseline's greedy reply",
