@@ -5,10 +5,26 @@ Both engines take Request objects as they arrive (add_request) and do one step o
     StaticBatchEngine      - when idle, take up to max_batch waiting requests (optionally waiting up
                              to max_wait_s for more), run them as one StaticBatch until the longest
                              is done; arrivals meanwhile wait for the next batch.
-    ContinuousBatchEngine  - every step: admit waiting requests into free slots, prefill them, run one
-                             decode step for every running request, retire the finished at once.
-                             Keys/values live in a PagedKVCache: attention really reads them through
-                             the block tables that the scheduler's BlockManager hands out.
+    ContinuousBatchEngine  - every step: schedule (a token for every decoding request, prompt tokens
+                             for the new and the still-prefilling ones, at most token_budget in all),
+                             run them as ONE forward, retire the finished at once. Keys/values live
+                             in a PagedKVCache: attention really reads them through the block tables
+                             that the scheduler's BlockManager hands out.
+
+One forward mixes prefill and decode (as vLLM and SGLang schedule them): every request's tokens are
+cut into rows of T tokens, each row read through its request's block table (rows of one prompt
+share a table: each layer writes every row's keys before any row reads, so a row sees the rows of
+its prompt before it). A decoding request is one row with one real token; a chunk of n prompt
+tokens is ceil(n / T) rows. T is chosen per step (row_width): small T pads decode rows less,
+large T gathers fewer rows of keys.
+
+Chunked prefill (token_budget set) bounds the work of a step, so a long prompt can no longer stall
+every running stream for its whole prefill; prefix caching (prefix_caching=True) lets a prompt
+share the full KV blocks of any earlier prompt that starts the same way (paged_kv.BlockManager).
+A decode-only step has static shapes when static_decode is on (the default on a GPU): the batch is
+padded to one of DECODE_BATCH_SIZES rows and the tables to a power-of-two width, padded rows write
+to the scratch block, and paged_forward does tensor work only (no .item(), no data-dependent
+shape), so a CUDA graph can be captured per size, as vLLM does.
 
 A server batches strangers, so one request's failure must stay its own: the continuous engine
 samples each row apart (batching.sample_each_row), and a forward that raises is run again one
@@ -29,6 +45,12 @@ from course_lib.generation import apply_penalties, token_logprobs
 from course_lib.paged_kv import BlockManager, KVSample, PagedKVCache
 from course_lib.scheduler import Request, RequestStatus, Scheduler, queue_or_reject, rejection_reason
 
+DECODE_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # decode batches padded to these (static_decode)
+# A row's fixed cost in tokens' worth of matmul work, per key position it gathers (its keys and values
+# through the block table, its share of attention): measured on the 2-core CPU, SmolLM2-135M, fp32,
+# a row at a ~200-position context cost about as much as two tokens.
+ROW_COST_PER_KEY = 0.01
+
 # Shape letters: B batch (requests in one forward), T tokens, V vocabulary.
 
 
@@ -40,8 +62,9 @@ class StepRecord:
     waiting: int  # requests queued after the step
     running: int  # unfinished requests holding a batch slot after the step
     batch_rows: int  # rows in the step's decode forward (static batching counts idle rows too)
-    prefill_tokens: int  # prompt tokens prefilled in the step (padding excluded)
+    prefill_tokens: int  # prompt tokens prefilled in the step (padding and prefix-cache hits excluded)
     new_tokens: int  # output tokens produced in the step
+    cached_tokens: int = 0  # prompt tokens of the requests admitted in the step found in the prefix cache
 
 
 class StaticBatchEngine:
@@ -112,15 +135,42 @@ class StaticBatchEngine:
         return done
 
 
+def paged_forward(model, cache: PagedKVCache, tokens: torch.Tensor, input_pos: torch.Tensor,
+                  block_tables: torch.Tensor) -> torch.Tensor:
+    """One forward through the paged cache: tokens, input_pos (B, T) (negative = padding), block
+    tables (B, W) -> the logits at each row's last position (B, V). Tensor work only, no host sync
+    (on a GPU; the CPU checks positions): with fixed B, T, W it can be compiled or graph-captured."""
+    cache.bind_tensor(block_tables)
+    return model(tokens, input_pos, kv_cache=cache, last_only=True)[:, -1]  # (B, V)
+
+
+def row_width(lengths: list[int], num_keys: int) -> int:
+    """The row width T, a power of two, for requests feeding `lengths` tokens each in one forward,
+    with the least estimated work: tokens computed (padding included) + each row's key gather."""
+    widths = [1 << k for k in range(max(lengths).bit_length() + 1)]
+    return min(widths, key=lambda T: sum(-(-n // T) for n in lengths) * (T + ROW_COST_PER_KEY * num_keys))
+
+
+def padded_size(n: int, sizes: tuple[int, ...] = DECODE_BATCH_SIZES) -> int:
+    """The smallest size in `sizes` that holds n (n itself past the largest)."""
+    return next((s for s in sizes if s >= n), n)
+
+
 class ContinuousBatchEngine:
-    """Continuous batching over a paged KV cache: admit, prefill, decode, retire at every step."""
+    """Continuous batching over a paged KV cache: schedule, run one mixed forward, retire, every step."""
 
     def __init__(self, model, num_blocks: int, block_size: int = 16, max_batch: int = 8,
-                 max_model_len: int | None = None, pad_id: int = 0):
+                 max_model_len: int | None = None, pad_id: int = 0, token_budget: int | None = None,
+                 prefix_caching: bool = False, static_decode: bool | None = None):
         self.model, self.pad_id = model, pad_id
         self.device = next(model.parameters()).device
         self.max_model_len = max_model_len or model.config.max_position
-        self.blocks = BlockManager(num_blocks, block_size)
+        if token_budget is not None and token_budget < max_batch:
+            raise ValueError(f"token_budget ({token_budget}) must be >= max_batch ({max_batch}): every running "
+                             "request decodes one token per step, and a prompt needs room beside them")
+        self.token_budget = token_budget  # None: no chunked prefill (a prompt is prefilled whole)
+        self.static_decode = self.device.type == "cuda" if static_decode is None else static_decode
+        self.blocks = BlockManager(num_blocks, block_size, enable_caching=prefix_caching)
         self.cache = PagedKVCache.for_model(model, num_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, max_batch, self.max_model_len)
         self.history: list[StepRecord] = []
@@ -145,46 +195,71 @@ class ContinuousBatchEngine:
         return self.scheduler.rejected
 
     def step(self) -> list[Request]:
-        """Schedule (admit waiting requests, reserve a KV position for each running one) -> run (prefill
-        the admitted, decode the running) -> postprocess (append tokens, retire the finished and the
-        failed); return the requests that ended in this step."""
-        done, prefill_tokens, new_tokens = [], 0, 0
-        admitted = self.scheduler.admit()
-        if admitted:
-            prefill_tokens = sum(r.num_tokens for r in admitted)
-            results = self._run(admitted, prefill=True)
-            new_tokens += sum(not isinstance(token, Exception) for token, _ in results)
-            done += self._postprocess(admitted, results)
-        decoding = self.scheduler.prepare_decode()
-        if decoding:
-            results = self._run(decoding, prefill=False)
-            new_tokens += sum(not isinstance(token, Exception) for token, _ in results)
-            done += self._postprocess(decoding, results)
-        self._record(len(decoding), prefill_tokens, new_tokens)
+        """Schedule (a token per decoding request, prompt chunks, admissions) -> run (one forward;
+        sample the requests whose fed tokens reach their end) -> postprocess (append tokens, name the
+        full blocks, retire the finished and the failed, reserve the next positions); return the
+        requests that ended in this step."""
+        work = self.scheduler.schedule(self.token_budget)
+        decoding = sum(n == 1 and r.num_computed > 0 and bool(r.output_ids) for r, n in work)
+        cached = sum(r.num_cached_tokens for r in self.scheduler.admitted)
+        done, new_tokens = self._postprocess(work, self._run(work)) if work else ([], 0)
+        self.scheduler.prepare_decode()  # the next position of every running request, preempting if short
+        self._record(decoding, sum(n for _, n in work) - decoding, new_tokens, cached)
         return done
 
-    def _run(self, requests: list[Request], prefill: bool) -> list[tuple[int | Exception, tuple | None]]:
-        """One batched forward and the sampling of every row: (token or the row's error, logprobs).
-        A forward that raises runs again one request at a time; only a request that fails alone
-        gets the error (KV writes are idempotent: the retry writes the same values at the same slots)."""
+    def _run(self, work: list[tuple[Request, int]]) -> list[tuple[int | Exception | None, tuple | None]]:
+        """One forward over the work and the sampling of every request it completes: (token, or the
+        request's error, or None for a prompt chunk that does not reach the end; logprobs). A forward
+        that raises runs again one request at a time; only a request that fails alone gets the error
+        (KV writes are idempotent: the retry writes the same values at the same slots)."""
         try:
-            logits = self._logits(requests, prefill)  # (B, V)
+            logits = self._logits(work)  # (len(work), V)
         except Exception as exc:  # noqa: BLE001 - whose fault is it? ask each request alone
-            if len(requests) == 1:
+            if len(work) == 1:
                 return [(exc, None)]
-            return [self._run([r], prefill)[0] for r in requests]
-        return self._sample(requests, logits)
+            return [self._run([w])[0] for w in work]
+        complete = [i for i, (r, n) in enumerate(work) if r.num_computed + n == r.num_tokens]
+        out: list = [(None, None)] * len(work)
+        if complete:
+            sampled = self._sample([work[i][0] for i in complete], logits[complete])
+            for i, result in zip(complete, sampled):
+                out[i] = result
+        return out
 
-    def _logits(self, requests: list[Request], prefill: bool) -> torch.Tensor:
-        """The next-token logits (B, V): a padded prefill of whole sequences, or one new token per request."""
-        if prefill:  # prompt + any output kept from a preemption (recomputed)
-            tokens, _, input_pos = pad_batch([r.prompt_ids + r.output_ids for r in requests], self.pad_id, self.device)
-        else:  # feed each request's newest token at its own position
-            tokens = torch.tensor([[r.output_ids[-1]] for r in requests], device=self.device)  # (B, 1)
-            input_pos = torch.tensor([[r.num_tokens - 1] for r in requests], device=self.device)  # (B, 1)
-        self.cache.bind([self.blocks.block_tables[r.request_id] for r in requests])
+    def _logits(self, work: list[tuple[Request, int]]) -> torch.Tensor:
+        """The logits after each request's last fed token (len(work), V): one forward, each request's
+        tokens in rows of row_width tokens (left-padded), or a static decode batch."""
+        P = self.blocks.block_size
+        tables = [self.blocks.block_tables[r.request_id][:self.blocks.blocks_needed(r.num_computed + n)]
+                  for r, n in work]
+        width = max(len(t) for t in tables)
+        decode_only = all(n == 1 for _, n in work)
+        T = 1 if decode_only else row_width([n for _, n in work], width * P)
+        rows_tok, rows_pos, rows_table, spans = [], [], [], []
+        for (r, n), table in zip(work, tables):
+            ids, start = r.all_ids[r.num_computed:r.num_computed + n], r.num_computed
+            pad = -n % T  # the first row of the request is the short one: its last row ends at its last token
+            ids, pos = [self.pad_id] * pad + ids, [-1] * pad + list(range(start, start + n))
+            for k in range(0, len(ids), T):
+                rows_tok.append(ids[k:k + T])
+                rows_pos.append(pos[k:k + T])
+                rows_table.append(table)
+            spans.append(range(len(rows_tok) - -(-n // T), len(rows_tok)))
+        if decode_only and self.static_decode:  # static shapes: B from DECODE_BATCH_SIZES, W a power of two
+            pad_rows = padded_size(len(rows_tok)) - len(rows_tok)
+            rows_tok += [[self.pad_id]] * pad_rows
+            rows_pos += [[-1]] * pad_rows  # written to the scratch block, never read by a real row
+            rows_table += [[self.cache.scratch_block]] * pad_rows
+            width = min(1 << (width - 1).bit_length(), self.blocks.blocks_needed(self.max_model_len))
+        tokens = torch.tensor(rows_tok, device=self.device)  # (rows, T)
+        input_pos = torch.tensor(rows_pos, device=self.device)  # (rows, T)
         with torch.inference_mode():
-            return self.model(tokens, input_pos, kv_cache=self.cache)[:, -1, :]  # (B, V)
+            logits = paged_forward(self.model, self.cache, tokens, input_pos,
+                                   self.cache.table_tensor(rows_table, width))  # (rows, V)
+        # Each request's logits are those of its last row, unless one of its rows is not finite: its
+        # keys feed the later rows, so the request is broken (and its sampling will say so).
+        finite = torch.isfinite(logits).all(-1).tolist()
+        return logits[[next((k for k in span if not finite[k]), span[-1]) for span in spans]]  # (len(work), V)
 
     def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[tuple[int | Exception, tuple | None]]:
         """Penalties on the rows that ask for them, one draw per row, logprobs from the raw logits."""
@@ -203,27 +278,35 @@ class ContinuousBatchEngine:
         synchronize(self.device)
         return out
 
-    def _postprocess(self, requests: list[Request], results: list[tuple[int | Exception, tuple | None]]) -> list[Request]:
-        """Append each request's token; retire the finished and the failed at once (their blocks go
-        back to the free list now, not at the end of a batch); return them."""
+    def _postprocess(self, work: list[tuple[Request, int]],
+                     results: list[tuple[int | Exception | None, tuple | None]]) -> tuple[list[Request], int]:
+        """Count each request's fed tokens as computed (naming its newly full blocks for the prefix
+        cache), append its token if it got one; retire the finished and the failed at once (their
+        blocks go back to the free list now, not at the end of a batch); return them and the number
+        of new tokens."""
         now = time.perf_counter()
-        done = []
-        for r, (token, logprobs) in zip(requests, results):
+        done, new_tokens = [], 0
+        for (r, n), (token, logprobs) in zip(work, results):
             if isinstance(token, Exception):
                 self.scheduler.fail(r, f"{type(token).__name__}: {token}")
                 done.append(r)
                 continue
+            r.num_computed += n
+            self.blocks.commit(r.request_id, r.all_ids, r.num_computed)
+            if token is None:  # a prompt chunk short of the prompt's end: no token yet
+                continue
             if logprobs is not None:
                 r.output_logprobs.append(logprobs)
+            new_tokens += 1
             if r.append_token(token, now):
                 self.scheduler.finish(r)
                 done.append(r)
-        return done
+        return done, new_tokens
 
-    def _record(self, batch_rows: int, prefill_tokens: int, new_tokens: int) -> None:
+    def _record(self, batch_rows: int, prefill_tokens: int, new_tokens: int, cached_tokens: int = 0) -> None:
         running = self.scheduler.running
         self.history.append(StepRecord(time.perf_counter(), len(self.scheduler.waiting), len(running),
-                                       batch_rows, prefill_tokens, new_tokens))
+                                       batch_rows, prefill_tokens, new_tokens, cached_tokens))
         self.kv_samples.append(KVSample(
             tokens=sum(self.blocks.num_tokens.values()),
             paged_slots=sum(len(t) for t in self.blocks.block_tables.values()) * self.blocks.block_size,

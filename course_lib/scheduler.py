@@ -1,18 +1,30 @@
-"""Requests and the continuous-batching scheduler. Built in notebooks/06_batching.ipynb.
+"""Requests and the continuous-batching scheduler. Built in notebooks/06_batching.ipynb; chunked
+prefill and prefix caching in notebooks/09_serving_real_traffic.ipynb.
 
 Continuous (iteration-level) batching decides who runs at every step instead of once per batch:
 requests that finished leave at once, and waiting ones take their places in the same step. The
-scheduler owns the queues and the KV blocks, never the model:
+scheduler owns the queues and the KV blocks, never the model. Each running request knows how many
+of its tokens already have keys/values in the cache (num_computed); a step feeds each one some of
+the rest:
+    schedule(budget)  - this step's work, as (request, tokens to feed): first one token for every
+                        decoding request, then chunks of the prompts still being prefilled, then
+                        newly admitted requests (admit()), until `budget` tokens are taken. With no
+                        budget every prompt is prefilled whole in one step (and stalls the decoders
+                        for that long); with one, a long prompt is prefilled in chunks over several
+                        steps while the others keep decoding: chunked prefill (vLLM's
+                        --enable-chunked-prefill with --max-num-batched-tokens);
     admit()           - move waiting requests to running while a slot and enough KV blocks are free;
-    prepare_decode()  - reserve one more KV position for every running request; if blocks run out,
-                        preempt the newest request (free its blocks, send it back to the front of
-                        the queue: it is recomputed later, as vLLM does by default);
+                        with prefix caching its prompt's cached blocks are shared, not recomputed;
+    prepare_decode()  - at the end of a step, reserve the next KV position of every running request;
+                        if blocks run out, preempt the newest request (free its blocks, send it back
+                        to the front of the queue: it is recomputed later, as vLLM does by default);
     finish()          - retire a request and free its blocks the moment it is done.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
@@ -55,6 +67,8 @@ class Request:
     token_times: list[float] = field(default_factory=list)  # time.perf_counter() of each output token
     finish_reason: str | None = None  # "stop", "length", "abort", "error" or "rejected: <why>"
     num_preemptions: int = 0
+    num_computed: int = 0  # leading tokens whose keys/values are in the KV cache (0 while waiting)
+    num_cached_tokens: int = 0  # of those, found in the prefix cache at its (last) admission
     output_logprobs: list = field(default_factory=list)  # per output token: (logprob, [(id, logprob)]) if asked
     error: str | None = None  # why the engine failed this request (finish_reason "error")
 
@@ -67,6 +81,11 @@ class Request:
     def num_tokens(self) -> int:
         """Prompt plus output tokens so far."""
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def all_ids(self) -> list[int]:
+        """Prompt then output tokens: what the KV cache holds, position by position."""
+        return self.prompt_ids + self.output_ids
 
     @property
     def max_positions(self) -> int:
@@ -129,7 +148,7 @@ def queue_or_reject(request: Request, reason: str | None, waiting: deque, reject
 
 
 class Scheduler:
-    """Queues and KV blocks for continuous batching: admit, reserve, preempt, retire."""
+    """Queues and KV blocks for continuous batching: schedule, admit, reserve, preempt, retire."""
 
     def __init__(self, block_manager: BlockManager, max_batch: int, max_model_len: int):
         if max_batch < 1 or max_model_len < 1:
@@ -139,6 +158,7 @@ class Scheduler:
         self.running: list[Request] = []  # in admission order: the last is the first to be preempted
         self.finished: list[Request] = []
         self.rejected: list[Request] = []
+        self.admitted: list[Request] = []  # admitted by the latest schedule()
 
     def add(self, request: Request) -> bool:
         """Queue a request, or reject it (status REJECTED, finish_reason says why); True if queued."""
@@ -151,45 +171,71 @@ class Scheduler:
         """True while a request waits or runs."""
         return bool(self.waiting or self.running)
 
-    def admit(self) -> list[Request]:
+    def schedule(self, token_budget: int | None = None) -> list[tuple[Request, int]]:
+        """This step's work, (request, number of its next tokens to feed), at most token_budget tokens
+        in all (None: no limit, every prompt whole): decoding requests first (one token each: they
+        never wait behind a prompt), then prompts being prefilled, then new admissions."""
+        self._reserve()  # normally a no-op: the previous step's prepare_decode reserved every position
+        left = token_budget if token_budget is not None else math.inf
+        decoding = [r for r in self.running if r.num_tokens - r.num_computed == 1]
+        work = [(r, 1) for r in decoding]
+        left -= len(work)
+        prefilling = [r for r in self.running if r.num_tokens - r.num_computed > 1]
+        self.admitted = self.admit(left - sum(r.num_tokens - r.num_computed for r in prefilling))
+        for r in prefilling + self.admitted:
+            if left <= 0:
+                break
+            n = int(min(r.num_tokens - r.num_computed, left))
+            work.append((r, n))
+            left -= n
+        return work
+
+    def admit(self, limit: float = math.inf) -> list[Request]:
         """Move waiting requests (first come, first served) into free slots while their KV blocks fit;
-        return them: they need a prefill over prompt + any output kept from a preemption."""
-        admitted = []
-        while self.waiting and len(self.running) < self.max_batch:
+        return them: they need a prefill over prompt + any output kept from a preemption, minus what
+        the prefix cache already holds. Admission stops once the admitted requests' uncached tokens
+        reach `limit` (the tokens left in the step's budget)."""
+        admitted, tokens = [], 0
+        while self.waiting and len(self.running) < self.max_batch and tokens < limit:
             request = self.waiting[0]
+            ids = request.all_ids
+            # The last token is always fed (its logits give the next token): never take it from the cache.
+            prefix = self.blocks.match_prefix(ids[:-1])
             # room for the prompt (+ kept output) and for its next token, unless that one is its last
-            if not self.blocks.can_allocate(min(request.num_tokens + 1, request.max_positions)):
+            if not self.blocks.can_allocate(min(request.num_tokens + 1, request.max_positions), prefix):
                 break  # first come, first served: nobody overtakes the head of the queue
             self.waiting.popleft()
-            self.blocks.allocate(request.request_id, request.num_tokens)
+            self.blocks.allocate(request.request_id, request.num_tokens, prefix, ids)
+            request.num_computed = request.num_cached_tokens = len(prefix) * self.blocks.block_size
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             admitted.append(request)
+            tokens += request.num_tokens - request.num_computed
         return admitted
 
     def prepare_decode(self) -> list[Request]:
-        """Reserve the next KV position of every running request, preempting the newest ones when
-        blocks run out; return the requests to decode, in admission order."""
-        ready = []
+        """Reserve KV positions for every running request's tokens (its newest one is fed next),
+        preempting the newest ones when blocks run out; return the requests that will decode next,
+        in admission order. Called at the end of each step."""
+        self._reserve()
+        return [r for r in self.running if r.num_tokens - r.num_computed == 1]
+
+    def _reserve(self) -> None:
         for request in list(self.running):
-            if request.status is not RequestStatus.RUNNING:
-                continue  # preempted earlier in this loop
-            while not self.blocks.can_append(request.request_id):
-                victim = self.running[-1]  # the newest: it has the least work to redo
-                self.preempt(victim)
-                if victim is request:
-                    break
-            if request.status is RequestStatus.RUNNING:
-                self.blocks.append_slot(request.request_id)
-                ready.append(request)
-        return ready
+            while request.status is RequestStatus.RUNNING and self.blocks.num_tokens[request.request_id] < request.num_tokens:
+                if self.blocks.can_append(request.request_id):
+                    self.blocks.append_slot(request.request_id)
+                else:
+                    self.preempt(self.running[-1])  # the newest: it has the least work to redo
 
     def preempt(self, request: Request) -> None:
-        """Free a running request's blocks and put it back at the front of the queue (recompute later)."""
+        """Free a running request's blocks and put it back at the front of the queue (recompute later;
+        with prefix caching its full blocks stay cached, so the recompute mostly hits)."""
         self.running.remove(request)
         self.blocks.free(request.request_id)
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
+        request.num_computed = 0
         self.waiting.appendleft(request)
 
     def abort(self, request: Request) -> bool:
@@ -211,6 +257,7 @@ class Scheduler:
         if request in self.waiting or request in self.running:
             raise ValueError(f"request {request.request_id} is already scheduled")
         request.status = RequestStatus.WAITING
+        request.num_computed = 0
         self.waiting.appendleft(request)
 
     def fail(self, request: Request, error: str) -> None:

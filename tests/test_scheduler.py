@@ -70,9 +70,9 @@ def test_blocks_are_never_held_twice_during_a_run(model):
         engine.step()
         engine.blocks.check()
         for r in engine.scheduler.running:  # memory follows the actual length, under one block of slack
-            cached = r.num_tokens - 1  # the newest token is fed (and cached) at the next step
-            assert engine.blocks.num_tokens[r.request_id] == cached
-            assert len(engine.blocks.block_tables[r.request_id]) == engine.blocks.blocks_needed(cached)
+            reserved = r.num_tokens  # every token has its position; the newest is fed at the next step
+            assert engine.blocks.num_tokens[r.request_id] == reserved
+            assert len(engine.blocks.block_tables[r.request_id]) == engine.blocks.blocks_needed(reserved)
 
 
 def test_impossible_requests_are_rejected_with_a_reason_and_the_rest_proceed(model):
@@ -131,6 +131,7 @@ def test_scheduler_preempts_the_newest_and_requeues_it_first():
     assert s.admit() == [old, new]  # 4 positions (2 full blocks) and 3 positions (2 blocks): pool empty
     old.output_ids.append(9)  # as if both had run a prefill: each now feeds one more token
     new.output_ids.append(9)
+    old.num_computed, new.num_computed = 4, 3
     assert s.prepare_decode() == [old]  # old's next position needs a new block: new is pushed out
     assert new.status is RequestStatus.WAITING and new.num_preemptions == 1 and s.waiting[0] is new
     s.blocks.check()
