@@ -16,7 +16,10 @@ cut into rows of T tokens, each row read through its request's block table (rows
 share a table: each layer writes every row's keys before any row reads, so a row sees the rows of
 its prompt before it). A decoding request is one row with one real token; a chunk of n prompt
 tokens is ceil(n / T) rows. T is chosen per step (row_width): small T pads decode rows less,
-large T gathers fewer rows of keys.
+large T gathers fewer rows of keys. Where padding every decoder to T would cost more than reading
+the weights a second time (plan_forwards: on the CPU, many decoders beside a long chunk), the step
+runs the decoders and the prompts as two forwards instead; either way a decoder waits for at most
+one budget of prompt work per step.
 
 Chunked prefill (token_budget set) bounds the work of a step, so a long prompt can no longer stall
 every running stream for its whole prefill; prefix caching (prefix_caching=True) lets a prompt
@@ -50,6 +53,7 @@ DECODE_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # decode batches p
 # through the block table, its share of attention): measured on the 2-core CPU, SmolLM2-135M, fp32,
 # a row at a ~200-position context cost about as much as two tokens.
 ROW_COST_PER_KEY = 0.01
+FORWARD_COST = 25.0  # a forward's fixed cost (every weight read once) in tokens' worth, same machine
 
 # Shape letters: B batch (requests in one forward), T tokens, V vocabulary.
 
@@ -144,11 +148,34 @@ def paged_forward(model, cache: PagedKVCache, tokens: torch.Tensor, input_pos: t
     return model(tokens, input_pos, kv_cache=cache, last_only=True)[:, -1]  # (B, V)
 
 
+def forward_cost(lengths: list[int], num_keys: int, T: int) -> float:
+    """Estimated work of one forward, in tokens' worth of matmuls: its fixed cost, then per row its
+    T tokens (padding included) and its gather of num_keys keys."""
+    return FORWARD_COST + sum(-(-n // T) for n in lengths) * (T + ROW_COST_PER_KEY * num_keys)
+
+
 def row_width(lengths: list[int], num_keys: int) -> int:
     """The row width T, a power of two, for requests feeding `lengths` tokens each in one forward,
     with the least estimated work: tokens computed (padding included) + each row's key gather."""
     widths = [1 << k for k in range(max(lengths).bit_length() + 1)]
-    return min(widths, key=lambda T: sum(-(-n // T) for n in lengths) * (T + ROW_COST_PER_KEY * num_keys))
+    return min(widths, key=lambda T: forward_cost(lengths, num_keys, T))
+
+
+def plan_forwards(lengths: list[int], num_keys: list[int]) -> list[tuple[list[int], int]]:
+    """How to run one step's work (request i feeds lengths[i] tokens over num_keys[i] keys): as
+    (request indices, row width) per forward. One mixed forward, unless the decoders' padding costs
+    more than a second forward: then the decoders (rows of one token) apart from the prompts."""
+    every = list(range(len(lengths)))
+    mixed = [(every, row_width(lengths, max(num_keys)))]
+    decode, prompts = [i for i in every if lengths[i] == 1], [i for i in every if lengths[i] > 1]
+    if not decode or not prompts:
+        return mixed
+
+    def cost(plan):
+        return sum(forward_cost([lengths[i] for i in g], max(num_keys[i] for i in g), T) for g, T in plan)
+
+    split = [(decode, 1), (prompts, row_width([lengths[i] for i in prompts], max(num_keys[i] for i in prompts)))]
+    return min((mixed, split), key=cost)
 
 
 def padded_size(n: int, sizes: tuple[int, ...] = DECODE_BATCH_SIZES) -> int:
@@ -227,14 +254,21 @@ class ContinuousBatchEngine:
         return out
 
     def _logits(self, work: list[tuple[Request, int]]) -> torch.Tensor:
-        """The logits after each request's last fed token (len(work), V): one forward, each request's
-        tokens in rows of row_width tokens (left-padded), or a static decode batch."""
-        P = self.blocks.block_size
+        """The logits after each request's last fed token (len(work), V), from the forwards that
+        plan_forwards chooses: one mixed forward, or the decoders apart from the prompts."""
         tables = [self.blocks.block_tables[r.request_id][:self.blocks.blocks_needed(r.num_computed + n)]
                   for r, n in work]
+        plan = plan_forwards([n for _, n in work], [len(t) * self.blocks.block_size for t in tables])
+        logits: list = [None] * len(work)
+        for group, T in plan:
+            out = self._forward([work[i] for i in group], [tables[i] for i in group], T)
+            for i, row in zip(group, out):
+                logits[i] = row
+        return torch.stack(logits)  # (len(work), V)
+
+    def _forward(self, work: list[tuple[Request, int]], tables: list[list[int]], T: int) -> torch.Tensor:
+        """One forward: each request's tokens in rows of T (left-padded), or a static decode batch."""
         width = max(len(t) for t in tables)
-        decode_only = all(n == 1 for _, n in work)
-        T = 1 if decode_only else row_width([n for _, n in work], width * P)
         rows_tok, rows_pos, rows_table, spans = [], [], [], []
         for (r, n), table in zip(work, tables):
             ids, start = r.all_ids[r.num_computed:r.num_computed + n], r.num_computed
@@ -245,7 +279,7 @@ class ContinuousBatchEngine:
                 rows_pos.append(pos[k:k + T])
                 rows_table.append(table)
             spans.append(range(len(rows_tok) - -(-n // T), len(rows_tok)))
-        if decode_only and self.static_decode:  # static shapes: B from DECODE_BATCH_SIZES, W a power of two
+        if T == 1 and self.static_decode:  # static shapes: B from DECODE_BATCH_SIZES, W a power of two
             pad_rows = padded_size(len(rows_tok)) - len(rows_tok)
             rows_tok += [[self.pad_id]] * pad_rows
             rows_pos += [[-1]] * pad_rows  # written to the scratch block, never read by a real row

@@ -1,4 +1,5 @@
-"""Cost model: $/1M tokens, API cost, break-even. Built in notebooks/03_measuring_inference.ipynb.
+"""Cost model: $/1M tokens, API cost, break-even. Built in notebooks/03_measuring_inference.ipynb;
+from a capacity at SLO (replicas, $/1M tokens, break-even) in notebooks/09_serving_real_traffic.ipynb.
 
 Conventions: a month is `days_per_month` = 30 days (so 720 hours); a rented GPU instance is
 billed for every hour it exists, busy or idle; `utilization` is the fraction of those hours in
@@ -126,3 +127,30 @@ def break_even_queries_per_day(input_tokens: float, output_tokens: float, price:
     capacity = utilization * SECONDS_PER_DAY / query_seconds(input_tokens, output_tokens, tokens_per_s, prefill_tokens_per_s)
     volume = instance_monthly_cost(dollars_per_hour, days_per_month=days_per_month) / (per_query * days_per_month)
     return volume if volume <= capacity * (1 + 1e-12) else None
+
+
+# ---- from a measured capacity at an SLO (notebooks/09_serving_real_traffic.ipynb) -------------------
+# A load test's capacity at SLO is the most completed requests/s one replica sustains while its
+# latency objectives hold, measured end to end with the real prompt and output lengths: prefill
+# is inside it. Provisioning for the peak rate at that capacity is what keeps the SLO.
+
+def replicas_at_slo(peak_requests_per_s: float, capacity_requests_per_s: float) -> int:
+    """Replicas that serve the peak rate without any one passing its capacity at SLO (at least one)."""
+    if capacity_requests_per_s <= 0 or peak_requests_per_s < 0:
+        raise ValueError(f"need capacity > 0 and peak >= 0 requests/s, got {capacity_requests_per_s}, {peak_requests_per_s}")
+    return max(1, math.ceil(peak_requests_per_s / capacity_requests_per_s - 1e-9))
+
+
+def cost_per_million_at_slo(dollars_per_hour: float, capacity_requests_per_s: float,
+                            output_tokens_per_request: float, utilization: float = 1.0) -> float:
+    """$ per 1M output tokens of a replica run at its capacity at SLO a `utilization` share of the time."""
+    return cost_per_million_tokens(dollars_per_hour, capacity_requests_per_s * output_tokens_per_request, utilization)
+
+
+def break_even_at_slo(input_tokens: float, output_tokens: float, price: ApiPrice, dollars_per_hour: float,
+                      capacity_requests_per_s: float, utilization: float = 1.0,
+                      days_per_month: float = DAYS_PER_MONTH) -> float | None:
+    """Queries/day from which self-hosting at the capacity at SLO costs no more than the API (None if
+    never): break_even_queries_per_day with capacity x output tokens as the end-to-end tokens/s."""
+    return break_even_queries_per_day(input_tokens, output_tokens, price, dollars_per_hour,
+                                      capacity_requests_per_s * output_tokens, utilization, days_per_month)

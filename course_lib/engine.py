@@ -5,6 +5,8 @@ The engine composes the earlier modules; it copies none of them:
     kv_cache=True             kv_cache.stream_cached, or the paged cache when batching (04, 06)
     quant="int8" / "int4"     quant.quantize_model on the engine's own copy of the weights (05)
     batching=True             batch_engine.ContinuousBatchEngine: admit, prefill, decode, retire (06)
+      chunked_prefill=True    ... at most token_budget tokens per step: long prompts in chunks (09)
+      prefix_caching=True     ... full KV blocks shared between prompts that start alike (09)
     speculative="lookup"/"draft"  speculative.stream_speculative with PromptLookup / DraftProposer (07)
 Requests are scheduler.Request objects. The engine has the batch engines' interface (add_request,
 step, has_unfinished, history), so workload.replay drives it like them, and step() also says which
@@ -58,6 +60,9 @@ class EngineConfig:
     block_size: int = 16  # positions per KV block (batching only)
     num_blocks: int | None = None  # KV blocks in the pool; None: max_batch sequences of max_model_len
     max_model_len: int = 1024  # longest prompt + output a request may need (capped by the model)
+    chunked_prefill: bool = True  # at most token_budget tokens per step (batching only); see notebook 09
+    token_budget: int = 128  # tokens per step with chunked prefill (vLLM's --max-num-batched-tokens)
+    prefix_caching: bool = True  # share full KV blocks between prompts with the same prefix (batching only)
 
     def __post_init__(self):
         if self.quant not in (None, *QUANT_SCHEMES):
@@ -71,6 +76,9 @@ class EngineConfig:
             raise ValueError(f"gamma must be None or an integer >= 1, got {self.gamma!r}")
         if min(self.max_batch, self.block_size, self.max_model_len, self.num_blocks or 1) < 1:
             raise ValueError("max_batch, block_size, num_blocks and max_model_len must be >= 1")
+        if self.chunked_prefill and self.token_budget < self.max_batch:
+            raise ValueError(f"token_budget ({self.token_budget}) must be >= max_batch ({self.max_batch}): each "
+                             "running request decodes one token per step, and prompts need room beside them")
 
     @property
     def spec_gamma(self) -> int:
@@ -119,7 +127,9 @@ class Engine:
         if config.batching:
             num_blocks = config.num_blocks or config.max_batch * -(-self.max_model_len // config.block_size)
             self.batch = ContinuousBatchEngine(target, num_blocks, config.block_size, config.max_batch,
-                                               self.max_model_len)
+                                               self.max_model_len,
+                                               token_budget=config.token_budget if config.chunked_prefill else None,
+                                               prefix_caching=config.prefix_caching)
         self.solo_queue: deque[Request] = deque()  # one-at-a-time lane (no batching, or speculation)
         self.current: Request | None = None  # the request the solo lane is running
         self._stream: Iterator[tuple[int, float]] | None = None
@@ -362,5 +372,8 @@ class Engine:
             except AssertionError:
                 consistent = False
             out.update(kv_blocks_total=blocks.num_blocks, kv_blocks_free=blocks.num_free,
-                       kv_block_size=blocks.block_size, kv_blocks_consistent=consistent)
+                       kv_block_size=blocks.block_size, kv_blocks_consistent=consistent,
+                       token_budget=self.batch.token_budget, prefix_caching=blocks.enable_caching,
+                       prefix_cache_hit_rate=blocks.hit_rate, prefix_cache_hit_tokens=blocks.hit_tokens,
+                       prefix_cache_query_tokens=blocks.query_tokens, kv_blocks_cached=len(blocks.cached))
         return out

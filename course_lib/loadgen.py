@@ -15,6 +15,14 @@ ITL = gaps between chunks, TPOT = (E2E - TTFT) / (output tokens - 1), with the t
 the server's usage report (a chunk may carry several tokens). Throughput is output tokens over
 the wall time from the first send to the last answer. A run is bounded both in requests and in
 seconds: at the deadline unfinished requests are cancelled and counted as failed.
+
+Service-level objectives (notebooks/09_serving_real_traffic.ipynb): an SLO names a TTFT and a TPOT
+objective and a percentile. A request meets the SLO when it meets every objective; a failed one
+never does. Goodput is the requests per second that met it (DistServe's term); a run meets the SLO
+when at least `percentile` % of the requests offered did. Capacity at SLO is the highest *achieved*
+throughput (completed requests/s, never the offered rate) among the runs of a sweep that meet it:
+
+    python -m course_lib loadgen --url URL --rates 0.5 1 2 4 --slo-ttft-ms 2000 --slo-tpot-ms 200
 """
 
 from __future__ import annotations
@@ -26,11 +34,75 @@ import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from course_lib.measure import RequestMetrics, latency_row, print_table
 from course_lib.workload import WorkloadConfig, make_workload
+
+
+@dataclass(frozen=True)
+class SLO:
+    """Objectives every request should meet (None: no objective), and the share that must."""
+
+    ttft_ms: float | None = None  # time to first token, from the send (or arrival)
+    tpot_ms: float | None = None  # time per output token after the first (one-token answers have none)
+    percentile: float = 90.0  # a run meets the SLO when this % of the requests offered meet every objective
+
+    def __post_init__(self):
+        if not 0 < self.percentile <= 100:
+            raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
+        if any(x is not None and not x > 0 for x in (self.ttft_ms, self.tpot_ms)):
+            raise ValueError(f"objectives must be > 0 ms or None, got {self.ttft_ms}, {self.tpot_ms}")
+
+    def met_by(self, m: RequestMetrics) -> bool:
+        """Whether one request met every objective."""
+        if self.ttft_ms is not None and m.ttft_s * 1e3 > self.ttft_ms:
+            return False
+        return self.tpot_ms is None or m.tpot_s is None or m.tpot_s * 1e3 <= self.tpot_ms
+
+    @property
+    def label(self) -> str:
+        parts = ([f"TTFT <= {self.ttft_ms:g} ms"] if self.ttft_ms is not None else []) + \
+                ([f"TPOT <= {self.tpot_ms:g} ms"] if self.tpot_ms is not None else [])
+        return f"{' and '.join(parts) or 'no objective'} for {self.percentile:g}% of requests"
+
+
+def slo_report(metrics: Sequence[RequestMetrics], num_offered: int, duration_s: float, slo: SLO) -> dict:
+    """SLO attainment (share of the requests offered that completed and met every objective),
+    goodput (those per second of the run) and whether the run meets the SLO."""
+    good = sum(slo.met_by(m) for m in metrics)
+    attainment = good / num_offered if num_offered else 0.0
+    return {"slo_met_requests": good, "slo_attainment": attainment,
+            "goodput_req_s": good / duration_s if duration_s > 0 else 0.0,
+            "meets_slo": attainment >= slo.percentile / 100 - 1e-12}
+
+
+def capacity_at_slo(points: Sequence[dict]) -> dict | None:
+    """The sweep point with the highest achieved throughput (requests_per_s) among those that meet
+    the SLO (their "meets_slo"); None if none does."""
+    ok = [p for p in points if p.get("meets_slo")]
+    return max(ok, key=lambda p: p["requests_per_s"]) if ok else None
+
+
+def plot_capacity(points: Sequence[dict], slo: SLO, title: str = "Capacity at SLO", ax=None):
+    """Achieved throughput and goodput against the offered rate, the offered = achieved line, and
+    the capacity at SLO marked; returns the axes."""
+    import matplotlib.pyplot as plt
+
+    ax = ax or plt.subplots(figsize=(7, 4))[1]
+    offered = [p["offered_rate"] for p in points]
+    ax.plot(offered, offered, ls=":", color="grey", label="offered = achieved")
+    ax.plot(offered, [p["requests_per_s"] for p in points], marker="o", label="achieved throughput")
+    ax.plot(offered, [p["goodput_req_s"] for p in points], marker="s", label=f"goodput ({slo.label})")
+    cap = capacity_at_slo(points)
+    if cap is not None:
+        ax.axhline(cap["requests_per_s"], ls="--", color="green",
+                   label=f"capacity at SLO: {cap['requests_per_s']:.2f} req/s")
+    ax.set(xlabel="offered load (requests/s)", ylabel="requests/s", title=title)
+    ax.legend(fontsize=8)
+    return ax
 
 
 @dataclass(frozen=True)
@@ -51,6 +123,8 @@ class LoadConfig:
     api_key_env: str | None = None  # name of the environment variable holding the API key
     timeout_s: float = 300.0  # per-request HTTP timeout
     seed: int = 0
+    slo: SLO | None = None  # objectives to report attainment and goodput against
+    burstiness: float = 1.0  # arrivals' gamma shape (1: Poisson, < 1: bursty); rate mode only
 
     def __post_init__(self):
         if self.rate is None and self.concurrency is None:
@@ -125,6 +199,8 @@ class LoadResult:
                "requests_per_s": len(done) / duration if duration > 0 else 0.0}
         if done:
             row.update(latency_row([r.metrics() for r in done], ("median", "p90", "p99")))
+        if self.config.slo is not None:
+            row.update(slo_report([r.metrics() for r in done], len(self.requests), duration, self.config.slo))
         return row
 
     def as_dict(self) -> dict:
@@ -204,7 +280,7 @@ async def run_load_async(config: LoadConfig) -> LoadResult:
     # Arrival times and output lengths come from notebook 06's seeded workload; its "prompts" are
     # indices into our text prompts.
     work = make_workload(WorkloadConfig(config.num_requests, config.rate or math.inf, (1, 1), config.max_tokens,
-                                        config.seed), prompt_pool=[(i,) for i in range(len(prompts))])
+                                        config.seed, config.burstiness), prompt_pool=[(i,) for i in range(len(prompts))])
     results = [RequestResult(i, 0.0) for i in range(config.num_requests)]
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=config.timeout_s, limits=limits) as client:
@@ -252,7 +328,8 @@ def run_load(config: LoadConfig) -> LoadResult:
 
 def sweep(url: str, rates: list[float], num_requests: int = 16, **options) -> list[dict]:
     """Load-test at each rate in turn (same seed, same prompts); return one summary per rate, the
-    points of a throughput-latency curve. `options` are further LoadConfig fields."""
+    points of a throughput-latency curve (with slo=SLO(...), of goodput: see capacity_at_slo).
+    `options` are further LoadConfig fields."""
     return [run_load(LoadConfig(url=url, rate=rate, num_requests=num_requests, **options)).summary()
             for rate in rates]
 
@@ -261,6 +338,7 @@ SUMMARY_COLUMNS = [("mode", "load"), ("requests", "done"), ("failed", "failed"),
                    ("throughput_tok_s", "output (tok/s)"), ("requests_per_s", "req/s"),
                    ("ttft_p50_ms", "TTFT p50 (ms)"), ("ttft_p99_ms", "TTFT p99 (ms)"),
                    ("tpot_p50_ms", "TPOT p50 (ms)"), ("itl_p99_ms", "ITL p99 (ms)"), ("e2e_p50_ms", "E2E p50 (ms)")]
+SLO_COLUMNS = [("slo_attainment", "SLO met (share)"), ("goodput_req_s", "goodput (req/s)")]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -269,7 +347,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="model name (default: the first one /v1/models lists)")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--rate", type=float, help="requests per second, Poisson arrivals ('inf': all at once)")
+    mode.add_argument("--rates", type=float, nargs="+", metavar="RATE",
+                      help="a sweep: one run per rate, then the capacity at SLO (needs --slo-ttft-ms or --slo-tpot-ms)")
     mode.add_argument("--concurrency", type=int, help="closed loop: this many clients, each one request at a time")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps: 1 Poisson (default), < 1 bursty")
+    p.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT objective per request (ms)")
+    p.add_argument("--slo-tpot-ms", type=float, default=None, help="TPOT objective per request (ms)")
+    p.add_argument("--slo-percentile", type=float, default=90.0,
+                   help="share of requests (%%) that must meet every objective (default 90)")
     p.add_argument("--requests", type=int, default=32, help="requests to send (default 32)")
     p.add_argument("--duration", type=float, default=120.0, help="time limit in seconds (default 120)")
     p.add_argument("--max-tokens", type=int, nargs="+", default=[64], metavar="N",
@@ -288,17 +373,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(argv or []))
     lo, hi = (args.max_tokens * 2)[:2] if len(args.max_tokens) == 1 else args.max_tokens[:2]
     try:
-        config = LoadConfig(url=args.url, model=args.model, rate=args.rate, concurrency=args.concurrency,
-                            num_requests=args.requests, duration_s=args.duration, max_tokens=(lo, hi),
-                            endpoint=args.endpoint, temperature=args.temperature, ignore_eos=args.ignore_eos,
-                            api_key_env=args.api_key_env, seed=args.seed)
+        slo = None
+        if args.slo_ttft_ms is not None or args.slo_tpot_ms is not None:
+            slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms, args.slo_percentile)
+        elif args.rates:
+            raise ValueError("--rates finds the capacity at an SLO: give --slo-ttft-ms and/or --slo-tpot-ms")
+        config = LoadConfig(url=args.url, model=args.model, rate=args.rate or (args.rates[0] if args.rates else None),
+                            concurrency=args.concurrency, num_requests=args.requests, duration_s=args.duration,
+                            max_tokens=(lo, hi), endpoint=args.endpoint, temperature=args.temperature,
+                            ignore_eos=args.ignore_eos, api_key_env=args.api_key_env, seed=args.seed, slo=slo,
+                            burstiness=args.burstiness)
     except ValueError as exc:
         print(f"loadgen: {exc}")
         return 2
+    if args.rates:
+        return _sweep_main(args, config)
     result = run_load(config)
     print(f"{result.model} at {config.base}, {config.mode}, {config.num_requests} requests, "
           f"max_tokens {lo}-{hi}, temperature {config.temperature:g}")
-    print_table([result.summary()], SUMMARY_COLUMNS, digits=1)
+    print_table([result.summary()], SUMMARY_COLUMNS + (SLO_COLUMNS if config.slo else []), digits=1)
+    if config.slo is not None:
+        s = result.summary()
+        print(f"SLO ({config.slo.label}): met by {s['slo_attainment']:.0%} of requests -> "
+              f"{'meets' if s['meets_slo'] else 'misses'} it; goodput {s['goodput_req_s']:.2f} req/s")
     errors = [r.error for r in result.requests if r.error]
     if errors:
         print(f"{len(errors)} failed, first: {errors[0]}")
@@ -306,3 +403,23 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(result.as_dict(), indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0 if result.completed else 1
+
+
+def _sweep_main(args: argparse.Namespace, config: LoadConfig) -> int:
+    """`loadgen --rates ...`: one run per rate, the table, and the capacity at SLO."""
+    import dataclasses
+
+    points = [run_load(dataclasses.replace(config, rate=rate)).summary() for rate in args.rates]
+    print(f"sweep at {config.base}: {len(points)} rates x {config.num_requests} requests; SLO: {config.slo.label}")
+    print_table(points, [("offered_rate", "offered (req/s)")] + SUMMARY_COLUMNS[1:] + SLO_COLUMNS, digits=2)
+    cap = capacity_at_slo(points)
+    if cap is None:
+        print("capacity at SLO: no rate met the SLO (try lower rates)")
+    else:
+        print(f"capacity at SLO: {cap['requests_per_s']:.2f} req/s achieved (offered {cap['offered_rate']:g} req/s), "
+              f"{cap['throughput_tok_s']:.1f} output tok/s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"slo": asdict(config.slo), "points": points,
+                                               "capacity": cap}, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0 if cap is not None else 1

@@ -667,6 +667,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--speculative", choices=["lookup", "draft"], default=None)
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--no-chunked-prefill", action="store_true",
+                   help="prefill each prompt whole in one step (it stalls every running stream meanwhile)")
+    p.add_argument("--token-budget", type=int, default=EngineConfig.token_budget,
+                   help="tokens per step with chunked prefill (like vLLM's --max-num-batched-tokens; "
+                        f"default {EngineConfig.token_budget})")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="recompute every prompt (no sharing of KV blocks between prompts with the same prefix)")
     p.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask")
     d = ServerLimits()
     p.add_argument("--max-waiting", type=int, default=d.max_waiting,
@@ -695,7 +702,8 @@ def main(argv: list[str] | None = None) -> int:
                               args.max_stop_length, args.max_request_bytes)
         config = EngineConfig(kv_cache=not args.no_kv_cache, batching=not (args.no_batching or args.no_kv_cache),
                               quant=args.quant, speculative=args.speculative, max_batch=args.max_batch,
-                              max_model_len=args.max_model_len)
+                              max_model_len=args.max_model_len, chunked_prefill=not args.no_chunked_prefill,
+                              token_budget=args.token_budget, prefix_caching=not args.no_prefix_caching)
         engine = Engine.load(args.model, config, args.device, args.dtype)
     except (ValueError, ModelUnavailableError) as exc:
         print(f"serve: {exc}")
