@@ -494,6 +494,8 @@ check_overhead_share(my_overhead_share)
 
 # %% [markdown]
 # ## Solutions
+#
+# The solution cells are collapsed: click the bar beside a cell to open it once you have tried.
 
 # %%
 def my_fuse(a, b):
