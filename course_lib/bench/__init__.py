@@ -140,8 +140,8 @@ def run_hf_generate(model, input_ids: torch.Tensor, new_tokens: int, device) -> 
 
 # One module per notebook, in course order; importing a module registers its suites.
 SUITE_MODULES = ("course_lib.bench.loop", "course_lib.bench.kv", "course_lib.bench.quant", "course_lib.bench.batch",
-                 "course_lib.bench.spec", "course_lib.bench.engine")
-COURSE_ORDER = ("loop", "hardware", "kv", "quant", "batch", "spec", "engine")  # the order of `--suite all`
+                 "course_lib.bench.spec", "course_lib.bench.engine", "course_lib.bench.sched")
+COURSE_ORDER = ("loop", "hardware", "kv", "quant", "batch", "sched", "spec", "engine")  # the order of `--suite all`
 
 
 def load_suites() -> None:
