@@ -1,8 +1,9 @@
 """A bounded soak test of course_lib.server: 200 requests from 32 concurrent clients on loopback, a fifth
 malformed or extreme, a fifth hanging up mid-stream. Afterwards every well-formed request has been
 served exactly once with the answer it gets alone, the engine holds no slot or KV block, and the
-process's memory (RSS) is back near where it started. A tiny random model with the real SmolLM2
-tokenizer keeps it to seconds on 2 CPU cores."""
+process's memory (RSS) is back near where it started. The server runs with chunked prefill (a budget
+small enough that these prompts really are split) and prefix caching on (the chat template's system
+prompt is shared). A tiny random model with the real SmolLM2 tokenizer keeps it to seconds on 2 CPU cores."""
 
 import asyncio
 import ctypes
@@ -139,7 +140,8 @@ def test_soak_200_requests_from_32_clients(model):
         return tok.decode(solo.generate(ids, b["max_tokens"], sampling, stop, b.get("seed")), skip_special_tokens=True)
 
     expected = {i: alone(job) for i, job in enumerate(jobs) if job["kind"] == "ok"}
-    with tiny_server(model, EngineConfig(max_batch=8, max_model_len=256)) as (url, engine, _):
+    served = EngineConfig(max_batch=8, max_model_len=256, chunked_prefill=True, token_budget=16, prefix_caching=True)
+    with tiny_server(model, served) as (url, engine, _):
         asyncio.run(run_clients(url, make_jobs(seed=1)[:60]))  # warm up: first-time allocations
         for _ in range(20):  # let the warm-up's aborts reach the engine thread
             if httpx.get(url + "/engine/stats").json()["running"] == 0:
@@ -170,6 +172,8 @@ def test_soak_200_requests_from_32_clients(model):
     assert after["aborted"] - before["aborted"] == leavers
     assert after["running"] == after["waiting"] == 0 and after["free_slots"] == after["slots"]
     assert after["kv_blocks_free"] == after["kv_blocks_total"] and after["kv_blocks_consistent"]
+    assert after["prefix_cache_hit_tokens"] > before["prefix_cache_hit_tokens"]  # the shared template hit
+    assert max(h.prefill_tokens for h in engine.batch.history) <= 16  # prompts were prefilled in chunks
     assert health == {"status": "ok"}
     print(f"soak: RSS {rss_before / 2**20:.1f} -> {rss_after / 2**20:.1f} MiB over {REQUESTS} requests")
     assert rss_after <= rss_before * 1.05, f"RSS grew from {rss_before / 2**20:.1f} to {rss_after / 2**20:.1f} MiB"
