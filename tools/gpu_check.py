@@ -32,6 +32,7 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+OUT_RECORDS = Path("gpu_out") / "records"  # set by main()
 
 
 def _subprocess(cmd: list[str], out: Path, name: str, env: dict, cwd: Path = ROOT) -> dict:
@@ -95,8 +96,11 @@ def kv_decode(model_name: str, compile_too: bool) -> dict:
         except Exception:  # keep the eager numbers even if compilation breaks
             compile_error = traceback.format_exc()[-2000:]
     if result is None:
-        _static_decode_run(decode_step, model, ids, new_tokens)  # warm-up
-        seconds = _static_decode_run(decode_step, model, ids, new_tokens)[1]
+        from course_lib.kv_cache import KVCache
+
+        cache = KVCache.for_model(model, ids.shape[1] + new_tokens, static=True)
+        _static_decode_run(decode_step, model, ids, new_tokens, cache)  # warm-up
+        seconds = _static_decode_run(decode_step, model, ids, new_tokens, cache)[1]
         result = {"eager_tok_s": (new_tokens - 1) / seconds,
                   "compiled": compile_error if compile_too else "skipped on CPU"}
     result.update({
@@ -109,6 +113,15 @@ def kv_decode(model_name: str, compile_too: bool) -> dict:
     if "compiled_tok_s" in result:
         result["compiled_roofline_fraction"] = result["compiled_tok_s"] / ceiling
     result["hardware"] = hardware_stamp().as_dict()
+    from course_lib.measure import BenchRecord
+
+    ratios = {k: result[k] for k in ("eager_vs_hf_decode", "eager_roofline_fraction", "compiled_roofline_fraction",
+                                      "speedup") if isinstance(result.get(k), float)}
+    BenchRecord(name="kv_decode_graphs", model=info.label, dtype=info.dtype, device=info.device,
+                settings={"new_tokens": new_tokens, "prompt_tokens": ids.shape[1], "batch": 1,
+                          "command": "tools/gpu_check.py kv_decode"},
+                results=[{k: v for k, v in result.items() if not isinstance(v, dict)}], ratios=ratios,
+                caveat="random weights: speed only; the roofline is the measured copy bandwidth").save(OUT_RECORDS / "kv_decode_graphs.json")
     return result
 
 
@@ -220,6 +233,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="toy sizes (to test the script on a CPU)")
     args = parser.parse_args()
     (args.out / "records").mkdir(parents=True, exist_ok=True)
+    global OUT_RECORDS
+    OUT_RECORDS = args.out / "records"
     deadline = time.time() + args.deadline
     site = ROOT / ".gpu_site"
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
