@@ -15,11 +15,13 @@ import math
 import statistics
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from course_lib.env import hardware_stamp, synchronize
 
@@ -201,16 +203,67 @@ class MemoryPeak:
         return self.peak_bytes - self.baseline_bytes
 
 
-def peak_memory(fn: Callable[[], Any], device: torch.device | str,
-                interval_s: float = 0.002) -> tuple[Any, MemoryPeak]:
+class _LiveTensorBytes(TorchDispatchMode):
+    """Counts the bytes of the tensor storages created while active, and the peak of their sum.
+
+    Every op's outputs are seen here; an output that shares storage with an input (a view, an
+    in-place op) is no new memory. A storage stops counting when the last tensor seen on it dies.
+    Memory an op uses only internally (a kernel's workspace) is not seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, list[int]] = {}  # storage address -> [bytes, tensors seen on it]
+        self.current = self.peak = 0
+
+    def _release(self, key: int) -> None:
+        entry = self.live.get(key)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] == 0:
+                self.current -= entry[0]
+                del self.live[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            key = t.untyped_storage().data_ptr()
+            if key == 0 or (key in inputs and key not in self.live):
+                continue  # no storage, or an alias of memory that existed before
+            entry = self.live.get(key)
+            if entry is None:
+                entry = self.live[key] = [t.untyped_storage().nbytes(), 0]
+                self.current += entry[0]
+                self.peak = max(self.peak, self.current)
+            entry[1] += 1
+            weakref.finalize(t, self._release, key)
+        return out
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device | str, interval_s: float = 0.002,
+                method: str = "tensors") -> tuple[Any, MemoryPeak]:
     """Run fn and return (its result, MemoryPeak).
 
     CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats (tensor memory only,
-    exact). CPU/MPS: the process's resident set size (RSS, psutil) sampled by a thread every
-    `interval_s`; it includes the allocator's cached pages and can miss spikes shorter than the
-    interval. (resource.getrusage's ru_maxrss cannot be reset, so it could not isolate one call.)
+    exact). CPU/MPS, method "tensors" (default): the peak of the bytes of tensors created during
+    the call and still alive, counted op by op (_LiveTensorBytes) - the same quantity as on CUDA,
+    independent of the allocator. Method "rss": the process's resident set size (psutil) sampled
+    every `interval_s`; it includes the allocator's cached pages, so after a warm-up it can show
+    no growth at all while the call allocates hundreds of MB. (resource.getrusage's ru_maxrss
+    cannot be reset, so it could not isolate one call.)
     """
     device = torch.device(device)
+    if method not in ("tensors", "rss"):
+        raise ValueError(f"method must be 'tensors' or 'rss', got {method!r}")
+    if device.type != "cuda" and method == "tensors":
+        counter = _LiveTensorBytes()
+        with counter:
+            result = fn()
+        synchronize(device)
+        return result, MemoryPeak(counter.peak, 0, "peak bytes of live tensors created during the call (op by op)")
     if device.type == "cuda":
         synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)

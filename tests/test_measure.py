@@ -125,10 +125,32 @@ def test_repeat_timed_runs_warmup_then_repeats():
 
 def test_peak_memory_cpu_sees_a_large_allocation():
     size = 64 * 2**20  # 64 Mi floats = 256 MiB, touched by torch.ones
-    result, mem = peak_memory(lambda: torch.ones(size), "cpu")
+    result, mem = peak_memory(lambda: torch.ones(size), "cpu", method="rss")
     assert result.numel() == size
     assert mem.delta_bytes > 200 * 2**20
     assert "RSS" in mem.method
+
+
+def test_peak_memory_counts_live_tensors_exactly():
+    """Hand-counted: a (1024, 1024) fp32 temporary (4 MiB) freed before a (256, 1024) result (1 MiB)
+    is made; views and in-place ops on memory that existed before add nothing."""
+    big = torch.ones(4096, 1024)  # 16 MiB, made before the call
+
+    def work():
+        tmp = torch.ones(1024, 1024)  # 4 MiB
+        s = tmp.sum()  # a 4-byte scalar
+        del tmp
+        view = big[:10].t()  # a view of existing memory: no bytes
+        big.mul_(1.0)  # in place: no bytes
+        return torch.zeros(256, 1024) + s + view.sum()  # zeros (1 MiB) + a result (1 MiB) + scalars
+
+    _, mem = peak_memory(work, "cpu")
+    MiB = 2**20
+    # peak: the temporary and the scalar sum, alive together (later at most 2 MiB + a few scalars)
+    assert mem.peak_bytes == 4 * MiB + 4, "the pre-existing 16 MiB tensor and its views must not count"
+    assert "live tensors" in mem.method
+    with pytest.raises(ValueError, match="method"):
+        peak_memory(work, "cpu", method="psutil")
 
 
 def test_bench_record_json_round_trip(tmp_path):
