@@ -5,8 +5,8 @@
 Each pair is replayed in real time through the same continuous engine, one feature switched, one
 after the other in one run (same model, same seeded workload):
     chunked_prefill_itl_p99_gain      p99 inter-token latency without chunked prefill / with it, on a
-                                      mix of long and short prompts all sent at once (more than the
-                                      batch holds: long prompts are admitted while others decode)
+                                      mix of short prompts with long answers (sent at once) and long
+                                      prompts arriving one by one while those decode
     chunked_prefill_throughput_ratio  output tokens/s with / without, same run (what the chunks cost)
     prefix_cache_multiturn_ttft_gain  median TTFT without prefix caching / with it, on multi-turn
                                       conversations behind one shared system prompt
@@ -24,6 +24,7 @@ import random
 
 from course_lib.batch_engine import ContinuousBatchEngine
 from course_lib.bench import BenchContext, SuiteResult, register
+from course_lib.engine import EngineConfig
 from course_lib.loadgen import SLO, slo_report
 from course_lib.measure import percentile
 from course_lib.transformer import Transformer
@@ -36,7 +37,7 @@ from course_lib.workload import (
 )
 
 BLOCK_SIZE = 16
-CPU_TOKEN_BUDGET = 128  # tokens per step with chunked prefill on a CPU (EngineConfig's default)
+CPU_TOKEN_BUDGET = EngineConfig.token_budget  # tokens per step with chunked prefill on a CPU
 
 
 def long_short_workload(vocab_size: int, num_requests: int, long_len: int, short_len: int,
@@ -45,6 +46,22 @@ def long_short_workload(vocab_size: int, num_requests: int, long_len: int, short
     rng = random.Random(seed)
     return [WorkloadItem(0.0, tuple(rng.randrange(vocab_size) for _ in range(long_len if i % every == 1 else short_len)),
                          log_uniform(rng, *output_len)) for i in range(num_requests)]
+
+
+def stall_workload(vocab_size: int, num_short: int, num_long: int, long_len: int, short_len: int = 32,
+                   short_output: tuple[int, int] = (48, 64), long_output: tuple[int, int] = (4, 16),
+                   gap_s: float = 1.0, seed: int = 0) -> list[WorkloadItem]:
+    """Short prompts with long answers, all at t = 0, then long prompts with short answers arriving
+    every gap_s seconds (from gap_s on) while the short ones decode: each long prefill lands on
+    running streams. Random token ids, log-uniform output lengths."""
+    rng = random.Random(seed)
+
+    def prompt(n):
+        return tuple(rng.randrange(vocab_size) for _ in range(n))
+
+    shorts = [WorkloadItem(0.0, prompt(short_len), log_uniform(rng, *short_output)) for _ in range(num_short)]
+    longs = [WorkloadItem(gap_s * (k + 1), prompt(long_len), log_uniform(rng, *long_output)) for k in range(num_long)]
+    return shorts + longs
 
 
 def engine_for(model, workload, max_batch: int, token_budget: int | None, prefix_caching: bool) -> ContinuousBatchEngine:
@@ -80,12 +97,12 @@ def sched_suite(ctx: BenchContext) -> SuiteResult:
     cpu = ctx.device.type == "cpu"
     V, max_batch = ctx.info.vocab_size, ctx.sizes.max_batch
     budget = CPU_TOKEN_BUDGET if cpu else 512
-    long_len = min(512 if cpu else 2048, model.config.max_position // 2)
+    long_len = min(1024 if cpu else 4096, model.config.max_position // 2)  # the trace's median prompt: ~1.5k
     warm = long_short_workload(V, 2, 64, 8, (2, 2))
     replay(engine_for(model, warm, max_batch, budget, True), warm)  # one-time costs off the clock
 
     # 1. Chunked prefill: the stall a long prompt puts on every running stream, and what chunks cost.
-    mix = long_short_workload(V, 16 if cpu else 128, long_len, 32, (8, 48) if cpu else (16, 256))
+    mix = stall_workload(V, max_batch - 2, 4 if cpu else 32, long_len, gap_s=2.0 if cpu else 0.2)
     runs = {}
     for name, b in (("whole prefill", None), (f"chunked prefill ({budget} tokens/step)", budget)):
         engine = engine_for(model, mix, max_batch, b, False)
@@ -125,8 +142,9 @@ def sched_suite(ctx: BenchContext) -> SuiteResult:
               "goodput_at_slo": report["goodput_req_s"]}
     settings = {
         "max_batch": max_batch, "block_size": BLOCK_SIZE, "token_budget": budget,
-        "chunked_workload": f"{len(mix)} requests at t=0, every 3rd prompt {long_len} tokens, the others 32, "
-                            "log-uniform outputs, random token ids",
+        "chunked_workload": f"{max_batch - 2} prompts of 32 tokens at t=0 (48-64 output tokens), then "
+                            f"{len(mix) - max_batch + 2} of {long_len} tokens (4-16 output tokens) one every "
+                            f"{mix[-1].arrival_s / (len(mix) - max_batch + 2):g} s; random token ids, log-uniform outputs",
         "conversation_workload": f"{len(talk)} turns: 5 users x 3 turns, a shared 192-token system prompt, "
                                  "16-32-token messages, 8-24-token answers, 0.2 s think time" if cpu else
                                  f"{len(talk)} turns",
