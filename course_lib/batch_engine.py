@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from course_lib.batching import StaticBatch, pad_batch, sample_each_row
+from course_lib.batching import StaticBatch, sample_each_row
 from course_lib.env import synchronize
 from course_lib.generation import apply_penalties, token_logprobs
 from course_lib.paged_kv import BlockManager, KVSample, PagedKVCache
