@@ -31,6 +31,7 @@ ROWS = [
      [("kv_speedup_256", "{:.1f}x the naive loop's decode tokens/s over 256 new tokens"),
       ("prefix_cache_ttft_speedup", "prefix caching: {:.1f}x lower TTFT"),
       ("engine_vs_hf_decode", "our cached loop at {:.2f}x transformers' `generate`"),
+      ("prefill_ttft_vs_hf", "prefill of a 500-token prompt at {:.2f}x transformers' speed"),
       ("cached_roofline_fraction", "{:.0%} of the memory-bandwidth roofline")],
      lambda s: f"greedy, batch 1, {s['prompt_tokens']}-token prompt; prefix test: {s['system_prompt_tokens']}-token system prompt"),
     ("quantization", "quant",
@@ -39,8 +40,10 @@ ROWS = [
       ("int4_weight_bytes_ratio", "int4 g64 {:.3f}"),
       ("int4_ppl_increase_pct", "{:+.1f}%*"),
       ("int8_decode_speed_ratio", "decode speed int8 {:.2f}x fp32"),
-      ("int4_decode_speed_ratio", "int4 {:.2f}x")],
-     lambda s: f"{s['perplexity']}; decode: {s['decode']}"),
+      ("int4_decode_speed_ratio", "int4 {:.2f}x (fused kernel)"),
+      ("int4_ops_decode_speed_ratio", "int4 through PyTorch ops {:.2f}x"),
+      ("int4_fused_ppl_increase_pct", "fused int4 perplexity {:+.1f}% (bf16 compute)")],
+     lambda s: f"{s['perplexity']}; decode: {s['decode']}; int4 kernel: {s.get('int4_kernel', 'none')}"),
     ("batching", "batch",
      [("static_batch8_throughput_gain", "static batch of 8: {:.1f}x tokens/s over one at a time"),
       ("continuous_vs_static_throughput", "continuous vs static: {:.2f}x throughput"),
@@ -48,6 +51,14 @@ ROWS = [
       ("paged_vs_contiguous_kv_waste", "paged KV wastes {:.2f}x the slots of contiguous reservation")],
      lambda s: (f"{s['workload']['num_requests']} Poisson requests at {s['workload']['rate_per_s']:g}/s, outputs "
                 f"{s['workload']['output_len'][0]}-{s['workload']['output_len'][1]} tokens, max batch {s['max_batch']}")),
+    ("serving real traffic", "sched",
+     [("chunked_prefill_itl_p99_gain", "chunked prefill: {:.1f}x lower p99 ITL"),
+      ("chunked_prefill_throughput_ratio", "at {:.2f}x the throughput"),
+      ("prefix_cache_multiturn_ttft_gain", "prefix caching: {:.1f}x lower median TTFT on multi-turn chat"),
+      ("prefix_cache_hit_rate", "hit rate {:.0%}"),
+      ("goodput_at_slo", "goodput {:.2f} req/s at the SLO")],
+     lambda s: (f"token budget {s['token_budget']}; stall: {s['chunked_workload']}; chat: {s['conversation_workload']}; "
+                f"SLO TTFT <= {s['slo']['ttft_ms']:.0f} ms, TPOT <= {s['slo']['tpot_ms']:.0f} ms at p{s['slo']['percentile']:g}")),
     ("speculative decoding", "spec",
      [("pld_speedup_grounded", "prompt lookup {:.1f}x on grounded prompts"),
       ("draft_speedup", "distilled draft {:.2f}x"),
@@ -65,6 +76,7 @@ ROWS = [
 GPU_KEYS = {"KV cache": ["compiled_vs_eager_decode", "kv_speedup_256"],
             "quantization": ["int8_decode_speed_ratio", "int4_decode_speed_ratio"],
             "batching": ["static_batch8_throughput_gain", "continuous_vs_static_throughput"],
+            "serving real traffic": ["chunked_prefill_itl_p99_gain", "prefix_cache_multiturn_ttft_gain"],
             "speculative decoding": ["draft_speedup", "pld_speedup_grounded"],
             "all together": ["engine_all_vs_naive_throughput"]}
 
