@@ -188,7 +188,8 @@ class ContinuousBatchEngine:
 
     def __init__(self, model, num_blocks: int, block_size: int = 16, max_batch: int = 8,
                  max_model_len: int | None = None, pad_id: int = 0, token_budget: int | None = None,
-                 prefix_caching: bool = False, static_decode: bool | None = None):
+                 prefix_caching: bool = False, static_decode: bool | None = None,
+                 decode_compile: dict | None = None):
         self.model, self.pad_id = model, pad_id
         self.device = next(model.parameters()).device
         self.max_model_len = max_model_len or model.config.max_position
@@ -197,6 +198,12 @@ class ContinuousBatchEngine:
                              "request decodes one token per step, and a prompt needs room beside them")
         self.token_budget = token_budget  # None: no chunked prefill (a prompt is prefilled whole)
         self.static_decode = self.device.type == "cuda" if static_decode is None else static_decode
+        # decode_compile: torch.compile options for the static decode-only forward, e.g.
+        # {"mode": "reduce-overhead"} (CUDA graphs, one per padded batch size); None: eager
+        if decode_compile is not None and not self.static_decode:
+            raise ValueError("decode_compile needs static_decode: only static shapes can be captured")
+        self._decode_forward = (torch.compile(paged_forward, fullgraph=True, **decode_compile)
+                                if decode_compile is not None else paged_forward)
         self.blocks = BlockManager(num_blocks, block_size, enable_caching=prefix_caching)
         self.cache = PagedKVCache.for_model(model, num_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, max_batch, self.max_model_len)
@@ -287,9 +294,12 @@ class ContinuousBatchEngine:
             width = min(1 << (width - 1).bit_length(), self.blocks.blocks_needed(self.max_model_len))
         tokens = torch.tensor(rows_tok, device=self.device)  # (rows, T)
         input_pos = torch.tensor(rows_pos, device=self.device)  # (rows, T)
+        forward = self._decode_forward if T == 1 and self.static_decode else paged_forward
         with torch.inference_mode():
-            logits = paged_forward(self.model, self.cache, tokens, input_pos,
-                                   self.cache.table_tensor(rows_table, width))  # (rows, V)
+            if forward is not paged_forward:
+                torch.compiler.cudagraph_mark_step_begin()  # a new step: its outputs may be reused
+            logits = forward(self.model, self.cache, tokens, input_pos,
+                             self.cache.table_tensor(rows_table, width))  # (rows, V)
         # Each request's logits are those of its last row, unless one of its rows is not finite: its
         # keys feed the later rows, so the request is broken (and its sampling will say so).
         finite = torch.isfinite(logits).all(-1).tolist()

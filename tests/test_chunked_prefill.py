@@ -134,3 +134,15 @@ def test_batched_decode_traces_without_graph_breaks(model):
     torch.testing.assert_close(got, want)
     refs = [model(torch.tensor([p]))[0, -1] for p in prompts]
     torch.testing.assert_close(got[:3], torch.stack(refs), rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_static_decode_gives_the_solo_outputs(model):
+    """The engine's decode forward through torch.compile (the path CUDA graphs take on a GPU, here
+    with the eager backend so CI stays fast) serves every request exactly what it gets alone."""
+    work = long_and_short()[:4]
+    engine = ContinuousBatchEngine(model, num_blocks=64, block_size=4, max_batch=4, token_budget=16,
+                                   static_decode=True, decode_compile={"backend": "eager"})
+    requests = run_to_completion(engine, [Request(p, n) for p, n in work])
+    assert [r.output_ids for r in requests] == [solo(model, p, n) for p, n in work]
+    with pytest.raises(ValueError, match="static_decode"):
+        ContinuousBatchEngine(model, num_blocks=8, static_decode=False, decode_compile={"backend": "eager"})

@@ -14,6 +14,7 @@ and all within --deadline seconds (what is left undone is recorded as skipped):
   sweep      the batch-size sweep re-run on the current caches (1.7B shape, bf16)         [issue 13]
   kv_decode  eager vs CUDA-graph decode of the 1.7B shape, and the copy-bandwidth roofline [issues 13, 16]
   kernels    the Triton int4 kernel against bf16 and the PyTorch-ops int4 layer            [issue 16]
+  engine_graphs  the continuous engine's decode with CUDA graphs vs eager, batch 1/8/64     [issue 16]
 Every measurement is written as a BenchRecord (data/reference_results' schema, with a caveat) to
 OUT_DIR/records/; commit the ones worth keeping. Random weights: speed does not depend on weight
 values; the generated text is meaningless. On a CPU (--quick) every step runs at toy sizes, to test
@@ -192,6 +193,52 @@ def sweep(out: Path, model_name: str, quick: bool) -> dict:
     return {"rows": len(record.results)}
 
 
+def engine_graphs(out: Path, model_name: str, quick: bool) -> dict:
+    """The continuous engine's decode steps with CUDA graphs (torch.compile reduce-overhead on its
+    static decode forward) against the same engine eager, at batch 1, 8 and 64."""
+    import statistics
+
+
+    from course_lib.batch_engine import ContinuousBatchEngine
+    from course_lib.env import pick_device, synchronize
+    from course_lib.measure import BenchRecord
+    from course_lib.models import load_model
+    from course_lib.scheduler import Request
+    from course_lib.transformer import Transformer
+
+    device = pick_device()
+    hf_model, _, info = load_model(model_name, device=device)
+    model = Transformer.from_hf(hf_model)
+    del hf_model
+    compiled = {"mode": "reduce-overhead"} if device.type == "cuda" else {"backend": "eager"}
+    prompt, new_tokens = list(range(10, 42)), (8 if quick else 64)
+    rows = []
+    for batch in ((1, 2) if quick else (1, 8, 64)):
+        step_ms = {}
+        for label, options in (("eager", None), ("graphs", compiled)):
+            engine = ContinuousBatchEngine(model, num_blocks=batch * 8 + 8, block_size=16, max_batch=batch,
+                                           max_model_len=128, static_decode=True, decode_compile=options)
+            for _ in range(batch):
+                engine.add_request(Request(prompt_ids=prompt, max_new_tokens=new_tokens))
+            times = []
+            while engine.has_unfinished():
+                synchronize(device)
+                start = time.perf_counter()
+                engine.step()
+                synchronize(device)
+                times.append(time.perf_counter() - start)
+            steady = times[len(times) // 2:]  # past the prefill and the first (compiling) decode steps
+            step_ms[label] = statistics.median(steady) * 1e3
+        rows.append({"batch": batch, "eager_step_ms": step_ms["eager"], "graphs_step_ms": step_ms["graphs"],
+                     "speedup": step_ms["eager"] / step_ms["graphs"]})
+    record = BenchRecord(name="engine_graphs", model=info.label, dtype=info.dtype, device=info.device,
+                         settings={"prompt_tokens": len(prompt), "new_tokens": new_tokens, "compile": str(compiled)},
+                         results=rows, ratios={f"graphs_vs_eager_batch{r['batch']}": r["speedup"] for r in rows},
+                         caveat="median decode-step time over the second half of each run; random weights: speed only")
+    record.save(OUT_RECORDS / "engine_graphs.json")
+    return {"rows": rows}
+
+
 def kernels_check(out: Path, quick: bool) -> dict:
     """The Triton int4 kernel against bf16 F.linear and the PyTorch-ops int4 layer, 1.7B layer shapes."""
     import torch
@@ -253,6 +300,8 @@ def main() -> int:
         "sweep": lambda: sweep(args.out, args.model if not args.quick else "smollm2-mha-mini:random", args.quick),
         "kv_decode": lambda: kv_decode(args.model if not args.quick else "smollm2-mha-mini:random", compile_too=on_gpu),
         "kernels": lambda: kernels_check(args.out, args.quick),
+        "engine_graphs": lambda: engine_graphs(args.out, args.model if not args.quick else "smollm2-mha-mini:random",
+                                               args.quick),
     }
     if args.quick:  # the CPU test of this script: skip the slow notebook and bench steps
         steps["notebooks"] = lambda: {"skipped": "--quick"}
