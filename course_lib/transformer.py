@@ -179,13 +179,39 @@ def linear_rows(fused: nn.Module, sizes: tuple[int, ...], index: int, name: str)
     return part
 
 
-class Attention(nn.Module):
+class FusedParts:
+    """Projections that read the same input, stacked at load time into one matrix FUSED (one matmul,
+    one weight read); the parts PARTS still read, as views of its rows (split sizes in SPLIT)."""
+
+    PARTS: tuple[str, ...] = ()
+    FUSED = ""
+    SPLIT = ""
+
+    @property
+    def fused(self) -> bool:
+        return self.FUSED in self._modules
+
+    def fuse(self) -> None:
+        """Replace the separate PARTS by one FUSED linear layer holding their rows."""
+        if not self.fused:
+            setattr(self, self.FUSED, fuse_linears([self._modules[n] for n in self.PARTS]))
+            for n in self.PARTS:
+                del self._modules[n]
+
+    def __getattr__(self, name: str):
+        if name in type(self).PARTS and type(self).FUSED in self._modules:
+            return linear_rows(self._modules[type(self).FUSED], getattr(self, type(self).SPLIT),
+                               type(self).PARTS.index(name), name)
+        return super().__getattr__(name)
+
+
+class Attention(FusedParts, nn.Module):
     """Grouped-query self-attention with RoPE and a hook for a KV cache.
 
     Built with the checkpoint's q_proj, k_proj, v_proj; fuse() stacks them into one qkv_proj
     (rows split qkv_split). Fused, q_proj & co. still read, as views of qkv_proj's rows."""
 
-    PARTS = ("q_proj", "k_proj", "v_proj")
+    PARTS, FUSED, SPLIT = ("q_proj", "k_proj", "v_proj"), "qkv_proj", "qkv_split"
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -198,21 +224,6 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(C, KV * D, bias=config.qkv_bias)
         self.o_proj = nn.Linear(H * D, C, bias=False)
 
-    @property
-    def fused(self) -> bool:
-        return "qkv_proj" in self._modules
-
-    def fuse(self) -> None:
-        """Replace q_proj, k_proj, v_proj by qkv_proj: one (H + 2 KV) * D x C matmul instead of three."""
-        if not self.fused:
-            self.qkv_proj = fuse_linears([self._modules[n] for n in self.PARTS])
-            for n in self.PARTS:
-                del self._modules[n]
-
-    def __getattr__(self, name: str):
-        if name in Attention.PARTS and "qkv_proj" in self._modules:
-            return linear_rows(self._modules["qkv_proj"], self.qkv_split, Attention.PARTS.index(name), name)
-        return super().__getattr__(name)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
                 kv_cache=None, mask: torch.Tensor | None = None, masks: dict | None = None) -> torch.Tensor:
@@ -247,10 +258,10 @@ class Attention(nn.Module):
         return self.o_proj(y)
 
 
-class MLP(nn.Module):
+class MLP(FusedParts, nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)). fuse() stacks gate_proj and up_proj into gate_up_proj."""
 
-    PARTS = ("gate_proj", "up_proj")
+    PARTS, FUSED, SPLIT = ("gate_proj", "up_proj"), "gate_up_proj", "gate_up_split"
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -259,21 +270,6 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    @property
-    def fused(self) -> bool:
-        return "gate_up_proj" in self._modules
-
-    def fuse(self) -> None:
-        """Replace gate_proj, up_proj by gate_up_proj: one 2F x C matmul instead of two."""
-        if not self.fused:
-            self.gate_up_proj = fuse_linears([self._modules[n] for n in self.PARTS])
-            for n in self.PARTS:
-                del self._modules[n]
-
-    def __getattr__(self, name: str):
-        if name in MLP.PARTS and "gate_up_proj" in self._modules:
-            return linear_rows(self._modules["gate_up_proj"], self.gate_up_split, MLP.PARTS.index(name), name)
-        return super().__getattr__(name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
@@ -392,10 +388,9 @@ def unfused_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     into q_proj, k_proj, v_proj / gate_proj, up_proj (views, no copies)."""
     sd = module.state_dict()
     for name, m in module.named_modules():
-        fused, split = {Attention: ("qkv_proj", "qkv_split"), MLP: ("gate_up_proj", "gate_up_split")}.get(
-            type(m), (None, None))
-        if fused is None or fused not in m._modules:
+        if not isinstance(m, FusedParts) or not m.fused:
             continue
+        fused, split = m.FUSED, m.SPLIT
         prefix = f"{name}." if name else ""
         for kind in ("weight", "bias"):
             t = sd.pop(f"{prefix}{fused}.{kind}", None)
