@@ -428,7 +428,7 @@ def plot_token_latency(series: dict[str, Sequence[float]], title: str, ax=None):
     for label, gaps in series.items():
         ax.plot(range(2, len(gaps) + 2), [g * 1e3 for g in gaps], marker=".", label=label)
     ax.set(xlabel="output token position", ylabel="latency since previous token (ms)", title=title)
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(bottom=0, auto=None)  # keep autoscaling on: points a caller adds later stay in view
     ax.legend()
     return ax
 
